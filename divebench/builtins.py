@@ -1,0 +1,46 @@
+"""divebench's own contributions, registered through the same hooks as any plugin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from divebench.hookspecs import hookimpl
+
+
+@hookimpl
+def divebench_policies() -> list[type[Any]]:
+    from divebench.policies.adabatch import AdaBatch
+    from divebench.policies.divebatch import DiveBatch
+    from divebench.policies.sgd import FixedSGD
+
+    return [FixedSGD, AdaBatch, DiveBatch]
+
+
+@hookimpl
+def divebench_suites() -> list[Path]:
+    from divebench.config import builtin_suite_paths
+
+    return builtin_suite_paths()
+
+
+@hookimpl
+def divebench_datasets() -> dict[str, Any]:
+    from divebench.data import synthetic
+
+    return {
+        "synthetic": synthetic.build_synthetic,
+        "mnist1d": synthetic.build_mnist1d,
+    }
+
+
+@hookimpl
+def divebench_models() -> dict[str, Any]:
+    from divebench.models import small
+
+    return {
+        "logreg": small.build_logreg,
+        "mlp": small.build_mlp,
+        "mnist1d_cnn": small.build_mnist1d_cnn,
+        "small_cnn": small.build_small_cnn,
+    }

@@ -1,0 +1,272 @@
+"""The ``divebench`` command line (click).
+
+User errors (bad keys, values, data, results directory, strict-mode plugin faults)
+print one line ``divebench: error: ...`` and exit with code 2, before any run folder is
+created. A run's own failure is recorded in its folder and the suite goes on; the exit
+code is then 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from divebench import __version__
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"divebench: error: {self.format_message()}", err=True)
+
+
+_USER_ERRORS: tuple[type[Exception], ...] = ()
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    global _USER_ERRORS
+    if not _USER_ERRORS:
+        from divebench.config import ConfigError
+        from divebench.data.base import DataError
+        from divebench.plugins import PluginError
+        from divebench.results import ResultsError
+
+        _USER_ERRORS = (ConfigError, DataError, PluginError, ResultsError)
+    return _USER_ERRORS
+
+
+@contextmanager
+def as_user_errors() -> Iterator[None]:
+    try:
+        yield
+    except user_errors() as exc:
+        raise UserError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+def registry() -> Any:
+    from divebench import plugins
+
+    with as_user_errors():
+        reg = plugins.get_registry()
+    plugins.warn(reg)
+    return reg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="divebench")
+def main() -> None:
+    """divebench: does this batch-size policy really train faster, and what does it cost
+    in accuracy? Runs batch-size policies over suites, times them honestly, and reports
+    speed-ups and accuracy trade-offs (on disk and in Weights & Biases).
+
+    Start with `divebench run` (MNIST-1D, every built-in policy, about a minute on a
+    laptop), then `divebench suites` and `divebench policies`.
+    """
+
+
+# --------------------------------------------------------------------------------- run
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("settings", nargs=-1)
+@click.option("--show-config", is_flag=True, help="Print the resolved config and where each value came from, then exit.")
+@click.option("--quiet", "-q", is_flag=True, help="No per-epoch progress lines.")
+@click.option("--shard", default=None, metavar="I/N", help="Run only the I-th of N slices of the entry x seed matrix (1-based).")
+@click.option("--keys", "list_keys", is_flag=True, help="List every run key with its type, default and meaning, then exit.")
+@click.option("--no-report", is_flag=True, help="Do not write the report at the end.")
+def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | None, list_keys: bool, no_report: bool) -> None:
+    """Run a suite: divebench run [suite=NAME] [policy=a,b] [seeds=0,1] [KEY=VALUE ...]
+
+    \b
+    Examples:
+      divebench run                                   # mnist1d, every entry, its seeds
+      divebench run suite=synthetic policy=divebatch seeds=0 divebatch.delta=0.05
+      divebench run suite=cifar data=fake epochs=2 subset=512
+      divebench run suite=mnist1d resume=auto         # continue after a crash
+
+    Keys: run keys (divebench run --keys), and policy keys as <policy>.<key>=VALUE or
+    <entry>.<key>=VALUE (divebench policies).
+    """
+    if list_keys:
+        from divebench.config import KEYS, type_name
+
+        for k, spec in KEYS.items():
+            click.echo(f"{k:<16} {type_name(spec.type):<36} default {spec.default!r:<12} {spec.help}")
+        return
+    from divebench import engine
+    from divebench.config import ConfigError, parse_overrides, resolve, show
+
+    reg = registry()
+    with as_user_errors():
+        overrides = parse_overrides(settings)
+        name = overrides.get("suite", "mnist1d")
+        from divebench.config import get_suite
+
+        top = get_suite(name, reg)
+        names = top.includes or [top.name]
+        for child in top.includes:
+            if child not in reg.suites:
+                raise ConfigError(f"suite {top.name} includes unknown suite '{child}'")
+        cfgs = [resolve(overrides, reg, suite_name=n) for n in names]
+        if show_config:
+            click.echo("\n\n".join(show(c) for c in cfgs))
+            return
+        device = engine.resolve_device(cfgs[0]["device"])
+        from divebench.results import check_writable
+
+        for c in cfgs:
+            check_writable(Path(c["results_dir"]))
+        matrix = [(c, e, s) for c in cfgs for e in c.entries for s in c["seeds"]]
+        if shard:
+            from divebench.sweep import shard as take_shard
+
+            try:
+                matrix = take_shard(matrix, shard)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        resume = cfgs[0]["resume"]
+        targets: dict[int, Path] = {}
+        if resume and resume != "auto":
+            entry, seed, path = engine.check_resume_target(cfgs[0], resume)
+            matrix = [(cfgs[0], entry, seed)]
+            targets[0] = path
+        datas = {c.suite.name: engine.build_data(c, reg, device) for c in {id(m[0]): m[0] for m in matrix}.values()}
+
+    console = engine.Console(quiet)
+    sink_factory = _sink_factory(cfgs[0]["wandb"])
+    results = []
+    try:
+        for i, (c, entry, seed) in enumerate(matrix):
+            resume_dir = targets.get(i)
+            if resume == "auto":
+                kind, found = engine.find_resumable(c, entry, seed)
+                if kind == "complete":
+                    console.line(f"[{c.suite.name} {entry.name} seed {seed}] already complete: {found}")
+                    continue
+                resume_dir = found
+            console.line(f"[{c.suite.name} {entry.name} seed {seed}] {'resuming' if resume_dir else 'starting'} on {device}")
+            with as_user_errors():
+                results.append(engine.run_one(c, reg, entry, seed, datas[c.suite.name], device, console, resume_dir, sink_factory))
+    except KeyboardInterrupt as exc:
+        click.echo(f"divebench: interrupted: {exc}; continue with the same command and resume=auto", err=True)
+        sys.exit(130)
+    if not no_report and not shard:
+        _final_report(cfgs, quiet)
+    if any(r.status == "failed" for r in results):
+        sys.exit(1)
+
+
+def _sink_factory(mode: str) -> Callable[[], Any] | None:
+    if mode == "off":
+        return None
+    try:
+        from divebench.report.wandb_sink import WandbSink
+    except Exception as exc:  # the sink must never stop a run
+        click.echo(f"divebench: warning: W&B sink unavailable ({type(exc).__name__}: {exc}); results are on disk", err=True)
+        return None
+    return WandbSink
+
+
+def _final_report(cfgs: list[Any], quiet: bool) -> None:
+    from divebench import scoring
+    from divebench.report import write_report
+
+    dirs = sorted({Path(c["results_dir"]) for c in cfgs})
+    for c in cfgs:
+        runs = scoring.load_runs(dirs, c.suite.name)
+        score = scoring.score_suite(runs, c["baseline"] or None, c["target_accuracy"] or None)
+        click.echo(f"\n== {c.suite.name} ==")
+        click.echo(scoring.format_table(score) if hasattr(scoring, "format_table") else _format(score))
+    out = dirs[0] / "report"
+    path = write_report(dirs, out, None if len(cfgs) > 1 else cfgs[0].suite.name)
+    click.echo(f"\nreport: {path}")
+
+
+def _format(score: Any) -> str:
+    from divebench.report import format_table
+
+    return str(format_table(score))
+
+
+# ------------------------------------------------------------------- registry listings
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List loaded plugins: name, version, source, status."""
+    reg = registry()
+    rows = [vars(p) for p in reg.plugins]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':<20} {'version':<10} {'source':<32} status")
+    for p in reg.plugins:
+        click.echo(f"{p.name:<20} {p.version:<10} {p.source:<32} {p.status}")
+
+
+@main.command()
+@click.argument("pattern", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def policies(pattern: str | None, as_json: bool) -> None:
+    """List policies with their description and config keys (defaults)."""
+    from divebench.config import policy_fields, type_name
+
+    reg = registry()
+    out = []
+    for name, (cls, plugin) in sorted(reg.policies.items()):
+        if pattern and pattern not in name:
+            continue
+        keys = {k: {"type": type_name(tp), "default": d} for k, (tp, d) in policy_fields(cls).items()}
+        out.append({"name": name, "plugin": plugin, "description": cls.description,
+                    "stats": cls.stats, "keys": keys})
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    for p in out:
+        click.echo(f"{p['name']}  ({p['plugin']})  {p['description']}")
+        for k, meta in p["keys"].items():
+            click.echo(f"    {p['name']}.{k} = {meta['default']!r}  [{meta['type']}]")
+
+
+@main.command()
+@click.argument("pattern", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def suites(pattern: str | None, as_json: bool) -> None:
+    """List suites with their description, entries and defaults."""
+    from divebench.config import load_suite
+
+    reg = registry()
+    out = []
+    with as_user_errors():
+        for name, (path, plugin) in sorted(reg.suites.items()):
+            if pattern and pattern not in name:
+                continue
+            s = load_suite(Path(path))
+            out.append({"name": name, "plugin": plugin, "description": s.description,
+                        "includes": s.includes,
+                        "entries": {e.name: {"policy": e.policy, **e.params} for e in s.entries.values()},
+                        "defaults": s.defaults})
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    for s in out:
+        click.echo(f"{s['name']}  ({s['plugin']})  {s['description']}")
+        if s["includes"]:
+            click.echo(f"    runs suites: {', '.join(s['includes'])}")
+        for e, spec in s["entries"].items():
+            params = " ".join(f"{k}={v}" for k, v in spec.items() if k != "policy")
+            click.echo(f"    entry {e}: {spec['policy']} {params}".rstrip())
+        if s["defaults"]:
+            click.echo("    defaults: " + " ".join(f"{k}={v}" for k, v in s["defaults"].items()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

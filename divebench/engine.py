@@ -1,0 +1,273 @@
+"""The engine: turns a resolved suite configuration into runs.
+
+For every (entry, seed) of the suite's matrix it builds the model, optimiser, policy,
+the statistics provider (only when the policy declares it needs one), the run folder
+and the sinks, then hands them to :func:`divebench.loop.train`. A run that diverges or
+whose plugin fails mid-run is recorded (status ``diverged`` / ``failed``) and the suite
+goes on; a signal stops the suite after writing a checkpoint (status ``interrupted``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from divebench import checkpoint as ckpt
+from divebench.clock import Clock
+from divebench.config import ConfigError, Entry, RunConfig, make_policy_config, suite_context, validate
+from divebench.data.base import DataBundle
+from divebench.loop import Diverged, Interrupted, Progress, Setup, train
+from divebench.policy import InvalidDecision
+from divebench.results import RunFolder, environment, new_run_dir
+
+# Keys that do not change what a run computes: ignored when matching a run to resume.
+NON_RESULT_KEYS = {"resume", "results_dir", "wandb", "wandb_project", "policy", "seeds", "device"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but CUDA is not available on this machine; use device=auto or device=cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_schedule(v: dict[str, Any]) -> Callable[[int], float]:
+    """The suite's base LR as a function of the (0-based) epoch."""
+    lr, epochs, kind = v["lr"], v["epochs"], v["lr_schedule"]
+    if kind == "cosine":
+        return lambda e: lr * 0.5 * (1 + math.cos(math.pi * e / epochs))
+    if kind == "multistep":
+        ms = sorted(v["lr_milestones"])
+        return lambda e: lr * v["lr_gamma"] ** sum(e >= m for m in ms)
+    if kind == "step":
+        return lambda e: lr * v["lr_gamma"] ** (e // v["lr_step_size"])
+    return lambda e: lr
+
+
+def build_data(cfg: RunConfig, registry: Any, device: torch.device) -> DataBundle:
+    builder = registry.datasets[cfg["dataset"]][0]
+    data: DataBundle = builder(dict(cfg.values), device, 0)
+    validate(cfg, registry, dataset_size=data.train_size)
+    return data
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    path: Path
+    entry: str
+    seed: int
+    status: str
+    summary: dict[str, Any]
+
+
+class Console:
+    """Per-run progress: one line per epoch on a terminal; silent otherwise or when quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+
+    def epoch(self, label: str, epochs: int, row: dict[str, Any]) -> None:
+        if self.enabled:
+            print(
+                f"  {label} epoch {row['epoch']:>3}/{epochs}  B={row['batch_size']:<5} lr={row['lr']:.4g}"
+                f"  loss={row['train_loss']:.4f}  val_acc={100 * row['val_acc']:.2f}%"
+                f"  train {row['train_time_s']:.1f}s  wall {row['wall_time_s']:.1f}s",
+                file=sys.stderr, flush=True,
+            )
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+
+def run_config_dict(cfg: RunConfig, entry: Entry, seed: int) -> dict[str, Any]:
+    d = cfg.to_dict(entry, seed)
+    d["policy"] = entry.name
+    return d
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+
+
+def run_one(
+    cfg: RunConfig, registry: Any, entry: Entry, seed: int, data: DataBundle, device: torch.device,
+    console: Console, resume_dir: Path | None = None, sink_factory: Callable[[], Any] | None = None,
+) -> RunResult:
+    """Train one (entry, seed) and write its run folder; never raises for a run's own
+    failure (it is recorded), only for signals and user errors found before it starts."""
+    v = cfg.values
+    clock = Clock(device)
+    with clock.region("other"):
+        policy_cls, plugin = registry.policies[entry.policy]
+        ctx = suite_context(cfg, data.train_size, seed)
+        torch.manual_seed(seed)
+        model_builder = registry.models[v["model"]][0]
+        model = model_builder(data.num_classes, data.input_shape, dict(v)).to(device)
+        channels_last = device.type == "cuda" and len(data.input_shape) == 3
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        policy = policy_cls(make_policy_config(entry, registry), ctx)
+        provider = None
+        if policy_cls.stats is not None:
+            from divebench.stats import make_provider
+
+            provider = make_provider(**policy.stats_options())
+        module = provider.wrap(model) if provider is not None else model
+        if v["compile"]:
+            module = torch.compile(module)  # warm-up is counted in train time (AlgoPerf rule)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=v["lr"], momentum=v["momentum"],
+            weight_decay=v["weight_decay"], nesterov=v["nesterov"],
+        )
+        config = run_config_dict(cfg, entry, seed)
+        if resume_dir is None:
+            run_id, path = new_run_dir(Path(v["results_dir"]), cfg.suite.name, entry.name, seed)
+            folder = RunFolder(path, run_id)
+            folder.write_config(config)
+            folder.write_env(environment(device, registry.plugin_versions()) | {"data": data.info})
+            state = None
+        else:
+            path, run_id = resume_dir, resume_dir.name
+            folder = RunFolder(path, run_id)
+            state = ckpt.load(path / ckpt.FILENAME, device)
+        setup = Setup(
+            model=module, optimizer=optimizer, policy=policy, plugin=plugin, provider=provider,
+            data=data, device=device, epochs=v["epochs"], base_lr=lr_schedule(v),
+            max_micro_batch=v["max_micro_batch"], eval_batch_size=v["eval_batch_size"], seed=seed,
+            amp=v["amp"], channels_last=channels_last,
+        )
+        progress, epoch_state = (None, None)
+        if state is not None:
+            progress, epoch_state = ckpt.restore(state, setup, clock)
+            folder.truncate_metrics(progress.epoch)
+            folder.log(f"resumed from epoch {progress.epoch}" + (" (mid-epoch)" if epoch_state else ""))
+        sink = sink_factory() if sink_factory is not None else None
+        if sink is not None:
+            sink.start(path, config, json_env(path), v["wandb"], v["wandb_project"], cfg.suite.name,
+                       entry.policy, f"{entry.name}-{seed}", run_id, resume=state is not None)
+        summary: dict[str, Any] = base_summary(folder, cfg, entry, seed)
+        folder.write_summary(summary | {"status": "running"})
+
+    label = f"[{cfg.suite.name} {entry.name} seed {seed}]"
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        folder.append_metrics(row)
+        if sink is not None:
+            sink.log_epoch(row)
+        console.epoch(label, v["epochs"], row)
+
+    def save(p: Progress, sampler: Any, aug_gen: torch.Generator, epoch_state: dict[str, Any] | None) -> None:
+        ckpt.save(path / ckpt.FILENAME, setup, p, clock, epoch_state)
+
+    status, error = "complete", None
+    try:
+        train(setup, clock, on_epoch, save, progress, epoch_state)
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
+    except Interrupted as exc:
+        status, error = "interrupted", str(exc)
+    except InvalidDecision as exc:
+        status, error = "failed", str(exc)
+        folder.log(traceback.format_exc())
+    except Exception as exc:  # a fault inside a policy/plugin/model: recorded, suite goes on
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        folder.log(traceback.format_exc())
+    with clock.region("other"):
+        summary = finish_summary(folder, summary, status, error, clock)
+        if sink is not None:
+            summary["wandb"] = sink.finish(summary)
+        folder.write_summary(summary)
+    if status in ("failed", "diverged"):
+        print(f"divebench: {label} {status}: {error}", file=sys.stderr)
+    if status == "interrupted":
+        raise KeyboardInterrupt(error)
+    return RunResult(run_id, path, entry.name, seed, status, summary)
+
+
+def json_env(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return dict(json.loads((path / "env.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def base_summary(folder: RunFolder, cfg: RunConfig, entry: Entry, seed: int) -> dict[str, Any]:
+    return {
+        "run_id": folder.run_id, "suite": cfg.suite.name, "entry": entry.name,
+        "policy": entry.policy, "seed": seed,
+    }
+
+
+def finish_summary(folder: RunFolder, summary: dict[str, Any], status: str, error: str | None, clock: Clock) -> dict[str, Any]:
+    rows = folder.rows
+    accs = [r["val_acc"] for r in rows]
+    last = rows[-1] if rows else {}
+    return summary | {
+        "status": status, "error": error, "epochs_completed": len(rows),
+        "final_val_acc": accs[-1] if accs else None, "best_val_acc": max(accs) if accs else None,
+        "train_time_s": last.get("train_time_s", clock.train_time_s),
+        "wall_time_s": clock.wall_time_s, "steps": last.get("step", 0),
+        "samples_seen": last.get("samples_seen", 0),
+        "final_batch_size": last.get("batch_size"),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def find_resumable(cfg: RunConfig, entry: Entry, seed: int) -> tuple[str, Path | None]:
+    """For resume=auto: ('complete', path) if this run already finished, ('resume', path)
+    for the newest unfinished run with the same config, else ('new', None)."""
+    root = Path(cfg["results_dir"]) / cfg.suite.name
+    want = comparable(run_config_dict(cfg, entry, seed))
+    found: list[tuple[float, str, Path]] = []
+    for d in root.glob(f"{entry.name}-s{seed}-*"):
+        try:
+            have = yaml.safe_load((d / "config.yaml").read_text())
+            import json
+
+            status = json.loads((d / "summary.json").read_text()).get("status")
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if comparable(have) != want:
+            continue
+        if status == "complete":
+            return "complete", d
+        if (d / ckpt.FILENAME).exists():
+            found.append((d.stat().st_mtime, status, d))
+    if found:
+        return "resume", max(found)[2]
+    return "new", None
+
+
+def check_resume_target(cfg: RunConfig, run_id: str) -> tuple[Entry, int, Path]:
+    """resume=RUN_ID: the run folder must exist, hold a checkpoint, and match the config."""
+    path = Path(cfg["results_dir"]) / cfg.suite.name / run_id
+    if not (path / "config.yaml").exists():
+        raise ConfigError(f"resume={run_id}: no such run under {path.parent} (see the run folders there, or use resume=auto)")
+    if not (path / ckpt.FILENAME).exists():
+        raise ConfigError(f"resume={run_id}: the run has no checkpoint to resume from ({path / ckpt.FILENAME} is missing)")
+    have = yaml.safe_load((path / "config.yaml").read_text())
+    entries = {e.name: e for e in cfg.entries}
+    entry = entries.get(have.get("entry"))
+    if entry is None:
+        raise ConfigError(f"resume={run_id}: the run is of entry '{have.get('entry')}', which this command does not run (add policy={have.get('entry')})")
+    seed = int(have["seed"])
+    want = comparable(run_config_dict(cfg, entry, seed))
+    diff = sorted(k for k in set(want) | set(comparable(have)) if want.get(k) != have.get(k))
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"resume={run_id}: the run was started with {k}={have.get(k)!r}, this command has {k}={want.get(k)!r}; resume with the same config")
+    return entry, seed, path

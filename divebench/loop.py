@@ -1,0 +1,258 @@
+"""The training loop: one function, top to bottom.
+
+Where to look: the policy is consulted at (1) before each epoch and (1b) before each
+step for per-step policies; gradient statistics are collected at (3) only on epochs the
+policy marked for measurement; the clock's timed region covers (2)-(4); evaluation (5)
+and bookkeeping (6) are off the clock.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from divebench.clock import Clock
+from divebench.data.base import DataBundle
+from divebench.data.sampler import PermutationSampler
+from divebench.policy import Decision, EvalResult, GradStats, Policy, PolicyState, validate_decision
+from divebench.stats.base import StatsProvider
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was written at the step boundary."""
+
+
+@dataclass
+class Setup:
+    """Everything one run trains with (built by divebench.engine)."""
+
+    model: nn.Module  # the module to train (wrapped by the statistics provider, if any)
+    optimizer: torch.optim.Optimizer
+    policy: Policy
+    plugin: str  # the plugin that registered the policy (named in errors)
+    provider: StatsProvider | None
+    data: DataBundle
+    device: torch.device
+    epochs: int
+    base_lr: Callable[[int], float]  # the suite's schedule: epoch -> LR
+    max_micro_batch: int
+    eval_batch_size: int
+    seed: int
+    amp: str = "off"
+    channels_last: bool = False
+
+
+@dataclass
+class Progress:
+    """The loop's position; all of it goes into a checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    samples_seen: int = 0
+    last_eval: EvalResult | None = None
+    stats: GradStats | None = None
+    decision: Decision | None = None
+    lr: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _evaluate(s: Setup) -> EvalResult:
+    s.model.eval()
+    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
+    correct = torch.zeros((), device=s.device, dtype=torch.long)
+    with torch.no_grad(), _autocast(s):
+        for i in range(0, s.data.y_val.shape[0], s.eval_batch_size):
+            x = _to_input(s, s.data.eval_transform(s.data.x_val[i : i + s.eval_batch_size]))
+            y = s.data.y_val[i : i + s.eval_batch_size]
+            out = s.model(x).float()
+            loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum()
+    s.model.train()
+    n = s.data.y_val.shape[0]
+    return EvalResult(float(loss_sum) / n, int(correct) / n)
+
+
+def _autocast(s: Setup) -> Any:
+    if s.amp == "bf16" and s.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _to_input(s: Setup, x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if s.channels_last and x.dim() == 4 else x
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+
+
+def train(
+    s: Setup,
+    clock: Clock,
+    on_epoch: Callable[[dict[str, Any]], None],
+    checkpoint: Callable[[Progress, PermutationSampler, torch.Generator, dict[str, Any] | None], None],
+    progress: Progress | None = None,
+    resume_epoch_state: dict[str, Any] | None = None,
+) -> Progress:
+    """Train ``s.model`` for ``s.epochs`` epochs under ``s.policy``; returns the final
+    progress. ``on_epoch(row)`` receives each epoch's metrics row (off the clock);
+    ``checkpoint`` is called after each epoch and at a signal's step boundary."""
+    p = progress or Progress()
+    n = s.data.train_size
+    sampler = PermutationSampler(n, s.seed, s.device)
+    aug_gen = torch.Generator().manual_seed(s.seed * 7919 + 17)
+    stop_signal: list[int] = []
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        stop_signal.append(signum)
+
+    # A signal only sets a flag: the loop checkpoints at the next step boundary and stops.
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        old_handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while p.epoch < s.epochs:
+            epoch = p.epoch
+            epoch_start_train_s = clock.train_time_s
+            loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
+            correct = torch.zeros((), device=s.device, dtype=torch.long)
+            seen = 0
+            stats_time_s = 0.0
+            if s.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(s.device)
+            with clock.region("train"):
+                # ---- (1) the policy decides the epoch's batch size, LR factor, measurement
+                if resume_epoch_state is None:
+                    state = _state(s, p, clock, epoch, n)
+                    decision = validate_decision(s.policy.decide_epoch(state), s.policy, s.plugin)
+                    measure = decision.measure and s.provider is not None
+                    if s.provider is not None:
+                        s.provider.start_epoch(measure, n)
+                    sampler.start_epoch(epoch)
+                    aug_gen.manual_seed(s.seed * 1_000_003 + epoch * 7919 + 17)
+                else:  # resuming mid-epoch from a signal-time checkpoint
+                    decision, measure = p.decision, resume_epoch_state["measure"]  # type: ignore[assignment]
+                    sampler.load_state_dict(resume_epoch_state["sampler"])
+                    aug_gen.set_state(resume_epoch_state["aug_gen"].cpu())
+                    loss_sum += resume_epoch_state["loss_sum"]
+                    correct += resume_epoch_state["correct"]
+                    seen = resume_epoch_state["seen"]
+                    epoch_start_train_s -= resume_epoch_state["epoch_train_s"]
+                    resume_epoch_state = None
+                assert decision is not None
+                p.decision = decision
+                while True:
+                    # ---- (1b) per-step policies may change the decision before any step
+                    if s.policy.per_step:
+                        new = s.policy.decide_step(_state(s, p, clock, epoch, n))
+                        if new is not None:
+                            decision = p.decision = validate_decision(new, s.policy, s.plugin)
+                    idx = sampler.next_batch(decision.batch_size)
+                    if idx is None:
+                        break
+                    # ---- (2) data: select on the device, augment with batched tensor ops
+                    bsz = int(idx.shape[0])
+                    k = math.ceil(bsz / s.max_micro_batch)
+                    if measure:
+                        assert s.provider is not None
+                        k = max(k, s.provider.min_micro_batches(bsz))
+                    s.optimizer.zero_grad(set_to_none=True)
+                    # ---- (3) forward/backward per micro-batch; the gradient equals the full batch's
+                    for chunk in torch.arange(bsz, device=s.device).tensor_split(k):
+                        sub = idx[chunk]
+                        x = _to_input(s, s.data.train_transform(s.data.x_train[sub], aug_gen))
+                        y = s.data.y_train[sub]
+                        m = int(sub.shape[0])
+                        with _autocast(s):
+                            out = s.model(x)
+                            loss = nn.functional.cross_entropy(out.float(), y)
+                        (loss * (m / bsz)).backward()
+                        if measure:
+                            assert s.provider is not None
+                            s.provider.after_micro_backward(m, m / bsz)
+                        loss_sum += loss.detach().double() * m
+                        correct += (out.detach().argmax(1) == y).sum()
+                    if measure:
+                        assert s.provider is not None
+                        s.provider.after_batch(bsz)
+                    # ---- (4) the step: LR = base schedule x the policy's multiplier
+                    p.lr = s.base_lr(epoch) * decision.lr_multiplier
+                    for group in s.optimizer.param_groups:
+                        group["lr"] = p.lr
+                    s.optimizer.step()
+                    p.step += 1
+                    p.samples_seen += bsz
+                    seen += bsz
+                    if stop_signal:
+                        break
+                if not stop_signal:
+                    stats = s.provider.end_epoch() if s.provider is not None else None
+                    if stats is not None:
+                        stats_time_s = stats.time_s
+                    train_loss = float(loss_sum) / max(seen, 1)
+            if stop_signal:
+                with clock.region("other"):
+                    checkpoint(p, sampler, aug_gen, {
+                        "measure": measure, "sampler": sampler.state_dict(),
+                        "aug_gen": aug_gen.get_state(), "loss_sum": float(loss_sum),
+                        "correct": int(correct), "seen": seen,
+                        "epoch_train_s": clock.train_time_s - epoch_start_train_s,
+                    })
+                raise Interrupted(f"stopped by signal {stop_signal[0]} in epoch {epoch + 1}; checkpoint written")
+            if not math.isfinite(train_loss):
+                raise Diverged(f"training loss became {train_loss} in epoch {epoch + 1}")
+            # ---- (5) evaluation, off the clock
+            with clock.region("eval"):
+                p.last_eval = _evaluate(s)
+            # ---- (6) bookkeeping, off the clock: metrics row, sinks, checkpoint
+            with clock.region("other"):
+                p.epoch += 1
+                p.stats = stats
+                row = {
+                    "epoch": p.epoch, "step": p.step, "samples_seen": p.samples_seen,
+                    "batch_size": decision.batch_size, "lr": p.lr,
+                    "lr_multiplier": decision.lr_multiplier, "train_loss": train_loss,
+                    "train_acc": int(correct) / max(seen, 1),
+                    "val_loss": p.last_eval.val_loss, "val_acc": p.last_eval.val_acc,
+                    "train_time_s": clock.train_time_s,
+                    "epoch_train_time_s": clock.train_time_s - epoch_start_train_s,
+                    "eval_time_s": clock.eval_time_s, "other_time_s": clock.other_time_s,
+                    "wall_time_s": clock.wall_time_s, "measured": stats is not None,
+                    "grad_diversity": stats.diversity if stats else None,
+                    "n_grad_diversity": stats.n_diversity if stats else None,
+                    "stats_time_s": stats_time_s, "peak_memory_mb": _peak_memory_mb(s.device),
+                }
+                on_epoch(row)
+                checkpoint(p, sampler, aug_gen, None)
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    return p
+
+
+def _state(s: Setup, p: Progress, clock: Clock, epoch: int, n: int) -> PolicyState:
+    d = p.decision
+    return PolicyState(
+        epoch=epoch, step=p.step, samples_seen=p.samples_seen,
+        train_time_s=clock.train_time_s, dataset_size=n,
+        batch_size=d.batch_size if d else s.policy.ctx.initial_batch_size,
+        lr=p.lr, lr_multiplier=d.lr_multiplier if d else 1.0,
+        last_eval=p.last_eval, stats=p.stats,
+    )
+

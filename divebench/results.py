@@ -1,0 +1,196 @@
+"""Run folders and atomic writes: ``<results_dir>/<suite>/<run_id>/``.
+
+Files of a run folder (the record; W&B only mirrors it):
+- ``config.yaml``  the resolved configuration of this run (entry, policy config, seed, ...)
+- ``env.json``     python, torch, CUDA, device, git SHA and dirty flag, plugin versions
+- ``metrics.jsonl`` one JSON row per completed epoch (fields: ``METRIC_FIELDS``)
+- ``summary.json`` status (running / complete / diverged / interrupted / failed), final
+  and best accuracy, totals, error
+- ``checkpoint.pt`` latest end-of-epoch (or signal-time) checkpoint, for resume
+- ``run.log``      warnings and, for a failed run, the traceback
+
+Every file is replaced atomically (write to a temporary file in the same folder, fsync,
+rename), so a crash leaves either the old or the new version, never half of one. Run ids
+are ``<entry>-s<seed>-<UTC time>-<random>``; the folder is created with an exclusive
+``mkdir``, so two runs started in the same second (or by concurrent processes) never
+share a folder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+import math
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METRIC_FIELDS = (
+    "epoch", "step", "samples_seen", "batch_size", "lr", "lr_multiplier", "train_loss",
+    "train_acc", "val_loss", "val_acc", "train_time_s", "epoch_train_time_s", "eval_time_s",
+    "other_time_s", "wall_time_s", "measured", "grad_diversity", "n_grad_diversity",
+    "stats_time_s", "peak_memory_mb",
+)
+
+
+class ResultsError(Exception):
+    """The results directory cannot be written: a user-facing one-line message."""
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats become strings ('nan', 'inf') instead of invalid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise ResultsError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def check_writable(results_dir: Path) -> None:
+    """Fail early, before any run starts, if ``results_dir`` cannot hold run folders."""
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=results_dir, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise ResultsError(
+            f"results_dir={results_dir} is not writable ({exc.strerror or exc}); choose another with results_dir=PATH"
+        ) from None
+
+
+def new_run_dir(results_dir: Path, suite: str, entry: str, seed: int) -> tuple[str, Path]:
+    """Create a fresh, uniquely named run folder (exclusive mkdir, retried on collision)."""
+    parent = Path(results_dir) / suite
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultsError(f"cannot create {parent}: {exc.strerror or exc}") from None
+    for _ in range(100):
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        run_id = f"{entry}-s{seed}-{stamp}-{secrets.token_hex(3)}"
+        path = parent / run_id
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ResultsError(f"cannot create {path}: {exc.strerror or exc}") from None
+        return run_id, path
+    raise ResultsError(f"could not find a free run id under {parent}")  # pragma: no cover
+
+
+class RunFolder:
+    """Writes one run's files; every write replaces the file atomically."""
+
+    def __init__(self, path: Path, run_id: str) -> None:
+        self.path = Path(path)
+        self.run_id = run_id
+        self.rows: list[dict[str, Any]] = read_jsonl(self.path / "metrics.jsonl")
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(_clean(config), sort_keys=False))
+
+    def write_env(self, env: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "env.json", env)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        rows = self.rows + [row]
+        text = "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in rows)
+        atomic_write_text(self.path / "metrics.jsonl", text)
+        self.rows = rows
+
+    def truncate_metrics(self, epochs: int) -> None:
+        """Keep the first ``epochs`` rows (resume from a checkpoint of that epoch)."""
+        self.rows = [r for r in self.rows if r["epoch"] <= epochs]
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in self.rows))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "summary.json", summary)
+
+    def log(self, text: str) -> None:
+        try:
+            with open(self.path / "run.log", "a") as f:
+                f.write(text.rstrip("\n") + "\n")
+        except OSError:
+            pass  # the log is a convenience; losing a line must not lose the run
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(device: Any, plugins: dict[str, str]) -> dict[str, Any]:
+    import torch
+
+    sha = _git("rev-parse", "HEAD")
+    dirty = None if sha is None else bool(_git("status", "--porcelain", "--untracked-files=no"))
+    cuda = torch.cuda.is_available() and getattr(device, "type", "") == "cuda"
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "plugins": plugins,
+        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
