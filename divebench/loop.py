@@ -52,6 +52,7 @@ class Setup:
     seed: int
     amp: str = "off"
     channels_last: bool = False
+    log: Callable[[str], None] = print  # events worth keeping (OOM retries): the run log
 
 
 @dataclass
@@ -118,6 +119,7 @@ def train(
     sampler = PermutationSampler(n, s.seed, s.device)
     aug_gen = torch.Generator().manual_seed(s.seed * 7919 + 17)
     stop_signal: list[int] = []
+    micro = [s.max_micro_batch]  # the largest micro-batch known to fit (lowered on OOM)
 
     def _on_signal(signum: int, frame: Any) -> None:
         stop_signal.append(signum)
@@ -166,28 +168,11 @@ def train(
                     idx = sampler.next_batch(decision.batch_size)
                     if idx is None:
                         break
-                    # ---- (2) data: select on the device, augment with batched tensor ops
+                    # ---- (2)+(3) data, forward and backward; OOM halves the micro-batch
                     bsz = int(idx.shape[0])
-                    k = math.ceil(bsz / s.max_micro_batch)
-                    if measure:
-                        assert s.provider is not None
-                        k = max(k, s.provider.min_micro_batches(bsz))
-                    s.optimizer.zero_grad(set_to_none=True)
-                    # ---- (3) forward/backward per micro-batch; the gradient equals the full batch's
-                    for chunk in torch.arange(bsz, device=s.device).tensor_split(k):
-                        sub = idx[chunk]
-                        x = _to_input(s, s.data.train_transform(s.data.x_train[sub], aug_gen))
-                        y = s.data.y_train[sub]
-                        m = int(sub.shape[0])
-                        with _autocast(s):
-                            out = s.model(x)
-                            loss = nn.functional.cross_entropy(out.float(), y)
-                        (loss * (m / bsz)).backward()
-                        if measure:
-                            assert s.provider is not None
-                            s.provider.after_micro_backward(m, m / bsz)
-                        loss_sum += loss.detach().double() * m
-                        correct += (out.detach().argmax(1) == y).sum()
+                    batch_loss, batch_correct = _batch_with_oom_retry(s, idx, measure, aug_gen, micro)
+                    loss_sum += batch_loss
+                    correct += batch_correct
                     if measure:
                         assert s.provider is not None
                         s.provider.after_batch(bsz)
@@ -244,6 +229,63 @@ def train(
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     return p
+
+
+class OutOfMemory(Exception):
+    """Not even a micro-batch of one sample fits in memory."""
+
+
+def _batch_with_oom_retry(
+    s: Setup, idx: torch.Tensor, measure: bool, aug_gen: torch.Generator, micro: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward of one logical batch; on out-of-memory, halve the micro-batch size
+    and redo the batch with gradient accumulation (same augmentation, same gradient)."""
+    aug_state = aug_gen.get_state()
+    while True:
+        try:
+            return _accumulate(s, idx, measure, aug_gen, micro[0])
+        except torch.OutOfMemoryError:
+            s.optimizer.zero_grad(set_to_none=True)
+            if s.provider is not None and measure:
+                s.provider.abort_batch()
+            if s.device.type == "cuda":
+                torch.cuda.empty_cache()
+            now = min(micro[0], int(idx.shape[0]))
+            if now <= 1:
+                raise OutOfMemory("out of memory with a micro-batch of one sample: use a smaller model or input") from None
+            micro[0] = now // 2
+            s.log(f"out of memory at micro-batch {now}; retrying the batch with micro-batches of {micro[0]}")
+            aug_gen.set_state(aug_state)
+
+
+def _accumulate(
+    s: Setup, idx: torch.Tensor, measure: bool, aug_gen: torch.Generator, max_micro: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the batch into k micro-batches whose scaled mean losses add up to the batch's
+    mean loss, so the accumulated p.grad equals the full batch's gradient."""
+    bsz = int(idx.shape[0])
+    k = math.ceil(bsz / max_micro)
+    if measure:
+        assert s.provider is not None
+        k = max(k, s.provider.min_micro_batches(bsz))
+    s.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
+    correct = torch.zeros((), device=s.device, dtype=torch.long)
+    for chunk in torch.arange(bsz, device=s.device).tensor_split(k):
+        sub = idx[chunk]
+        x = _to_input(s, s.data.train_transform(s.data.x_train[sub], aug_gen))
+        y = s.data.y_train[sub]
+        m = int(sub.shape[0])
+        with _autocast(s):
+            out = s.model(x)
+            loss = nn.functional.cross_entropy(out.float(), y)
+        (loss * (m / bsz)).backward()
+        if measure:
+            assert s.provider is not None
+            s.provider.after_micro_backward(m, m / bsz)
+        loss_sum += loss.detach().double() * m
+        correct += (out.detach().argmax(1) == y).sum()
+    return loss_sum, correct
 
 
 def _state(s: Setup, p: Progress, clock: Clock, epoch: int, n: int) -> PolicyState:

@@ -57,6 +57,11 @@ class StatsProvider(Protocol):
         """Called after each micro-batch backward; ``loss_scale`` multiplied its loss."""
         ...
 
+    def abort_batch(self) -> None:
+        """Forget what the current logical batch's micro-batches contributed (the loop
+        redoes the batch with smaller micro-batches after an out-of-memory error)."""
+        ...
+
     def after_batch(self, batch_size: int) -> None:
         """Called once per logical batch, after all micro-batches, before the step."""
         ...
