@@ -147,6 +147,7 @@ def run_one(
             data=data, device=device, epochs=v["epochs"], base_lr=lr_schedule(v),
             max_micro_batch=v["max_micro_batch"], eval_batch_size=v["eval_batch_size"], seed=seed,
             amp=v["amp"], channels_last=channels_last,
+            log=lambda msg: (folder.log(msg), console.line(f"  {msg}")),
         )
         progress, epoch_state = (None, None)
         if state is not None:
