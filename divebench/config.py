@@ -177,7 +177,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             items = []
         else:
             items = [value]
-        return [coerce(v, inner, key) for v in items]
+        try:
+            return [coerce(v, inner, key) for v in items]
+        except ConfigError:
+            raise bad from None
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -373,12 +376,12 @@ def resolve(overrides: dict[str, str], registry: Any, suite_name: str | None = N
         if k in dotted:
             continue
         if k not in KEYS:
-            hint = suggest(k, KEYS)
-            if not hint:
-                owners = [e.policy for e in selected if k in policy_fields(registry.policies[e.policy][0])]
-                if owners:
-                    hint = f"; it is a policy key: write '{owners[0]}.{k}={v}'"
-            raise ConfigError(f"unknown key '{k}'{hint} (run keys: divebench run --help-keys)")
+            owners = [e.policy for e in selected if k in policy_fields(registry.policies[e.policy][0])]
+            if owners:
+                hint = f"; it is a key of policy {owners[0]}: write '{owners[0]}.{k}={v}'"
+            else:
+                hint = suggest(k, KEYS)
+            raise ConfigError(f"unknown key '{k}'{hint} (run keys: divebench run --keys)")
         values[k], sources[k] = coerce(v, KEYS[k].type, k), "command line"
 
     # --- entries: params from the suite, then <policy>.<key> / <entry>.<key> overrides
