@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -404,6 +405,8 @@ class SuiteScore:
     entries: list[EntryScore]
     not_scored: list[RunRecord]  # failed / interrupted / running / unreadable / superseded
     problems: list[str]
+    # the complete runs behind each entry's numbers (what the plots draw); not serialised
+    scored_runs: dict[str, list[RunRecord]] = field(default_factory=dict, repr=False)
 
     def entry(self, name: str) -> EntryScore:
         for e in self.entries:
@@ -484,11 +487,15 @@ def _select(runs: Sequence[RunRecord], suite: str) -> tuple[list[RunRecord], lis
     return list(chosen.values()), rest, problems
 
 
-def _suite_setting(runs: Sequence[RunRecord], key: str) -> Any:
-    vals = {json.dumps(r.config.get(key), sort_keys=True) for r in runs if key in r.config}
-    if len(vals) == 1:
-        return json.loads(vals.pop())
-    return None
+def _suite_setting(runs: Sequence[RunRecord], key: str, problems: list[str]) -> Any:
+    """The value of ``key`` that most of the runs were configured with (None if no run has it)."""
+    counts = Counter(json.dumps(r.config.get(key), sort_keys=True) for r in runs if key in r.config)
+    if not counts:
+        return None
+    if len(counts) > 1:
+        listed = ", ".join(f"{v} ({n} runs)" for v, n in counts.most_common())
+        problems.append(f"runs disagree on {key}: {listed}; using the most common")
+    return json.loads(counts.most_common(1)[0][0])
 
 
 def score_suite(
@@ -508,10 +515,10 @@ def score_suite(
         suite = suites[0] if suites else ""
     chosen, rest, problems = _select(runs, suite)
     if baseline is None:
-        baseline = _suite_setting(chosen, "baseline") or None
+        baseline = _suite_setting(chosen, "baseline", problems) or None
     baseline = baseline or None
     if target_accuracy is None:
-        target_accuracy = _suite_setting(chosen, "target_accuracy")
+        target_accuracy = _suite_setting(chosen, "target_accuracy", problems)
     if not target_accuracy:
         target_accuracy = None
     elif target_accuracy > 1.0:
@@ -526,9 +533,11 @@ def score_suite(
     names = sorted({r.entry for r in chosen}, key=lambda n: (order.index(n) if n in order else len(order), n))
 
     entries: list[EntryScore] = []
+    scored_runs: dict[str, list[RunRecord]] = {}
     for name in names:
         recs = sorted((r for r in chosen if r.entry == name), key=lambda r: r.seed or 0)
         entries.append(_score_entry(suite, name, recs, target_accuracy, problems))
+        scored_runs[name] = [r for r in recs if r.status in SCORED_STATUSES]
 
     if baseline is not None:
         base = next((e for e in entries if e.entry == baseline), None)
@@ -537,7 +546,7 @@ def score_suite(
         else:
             for e in entries:
                 _compare(e, base)
-    return SuiteScore(suite, baseline, target_accuracy, entries, rest, problems)
+    return SuiteScore(suite, baseline, target_accuracy, entries, rest, problems, scored_runs)
 
 
 def _score_entry(
@@ -583,7 +592,10 @@ def _score_entry(
     paper = paper_metric([r.rows for r in good if r.rows]) if good else None
     tm: TargetMetric | None = None
     if target is not None:
-        hits = {int(r.seed or 0): (time_to_target(r.rows, target) if r in good else MISS) for r in recs}
+        hits = {
+            int(r.seed or 0): time_to_target(r.rows, target) if r.status in SCORED_STATUSES else MISS
+            for r in recs
+        }
         n_hit = sum(h.hit for h in hits.values())
         tm = TargetMetric(
             target=target, hits=n_hit, n=len(hits),
