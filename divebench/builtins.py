@@ -26,21 +26,26 @@ def divebench_suites() -> list[Path]:
 
 @hookimpl
 def divebench_datasets() -> dict[str, Any]:
-    from divebench.data import synthetic
+    from divebench.data import cifar, synthetic, tinyimagenet
 
     return {
         "synthetic": synthetic.build_synthetic,
         "mnist1d": synthetic.build_mnist1d,
+        "cifar10": cifar.build_cifar10,
+        "cifar100": cifar.build_cifar100,
+        "tinyimagenet": tinyimagenet.build_tinyimagenet,
     }
 
 
 @hookimpl
 def divebench_models() -> dict[str, Any]:
-    from divebench.models import small
+    from divebench.models import resnet, small
 
     return {
         "logreg": small.build_logreg,
         "mlp": small.build_mlp,
         "mnist1d_cnn": small.build_mnist1d_cnn,
         "small_cnn": small.build_small_cnn,
+        "resnet18_cifar": resnet.build_resnet18_cifar,
+        "resnet18": resnet.build_resnet18,
     }
