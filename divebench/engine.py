@@ -27,7 +27,7 @@ from divebench.config import ConfigError, Entry, RunConfig, make_policy_config, 
 from divebench.data.base import DataBundle
 from divebench.loop import Diverged, Interrupted, Progress, Setup, train
 from divebench.policy import InvalidDecision
-from divebench.results import RunFolder, environment, new_run_dir
+from divebench.results import ResultsError, RunFolder, environment, new_run_dir
 
 # Keys that do not change what a run computes: ignored when matching a run to resume.
 NON_RESULT_KEYS = {"resume", "results_dir", "wandb", "wandb_project", "policy", "seeds", "device"}
@@ -179,6 +179,8 @@ def run_one(
         status, error = "diverged", str(exc)
     except Interrupted as exc:
         status, error = "interrupted", str(exc)
+    except ResultsError:
+        raise  # the results directory failed (disk full, removed): a user error, not the run's
     except InvalidDecision as exc:
         status, error = "failed", str(exc)
         folder.log(traceback.format_exc())
