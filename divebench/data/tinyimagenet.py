@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.datasets.utils import download_and_extract_archive
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from divebench.data.augment import (
     IMAGENET_MEAN,
@@ -66,25 +67,32 @@ PRESETS = ("paper", "native")
 
 
 def _decode(path: Path) -> torch.Tensor:
-    """One JPEG -> uint8 [3, 64, 64] (grey images become RGB); DataError names a bad file."""
+    """One JPEG -> uint8 [3, 64, 64] (grey images become RGB); DataError names a bad file.
+
+    Pillow, as torchvision's ``ImageFolder`` (the authors' loader) uses: the same decoder
+    gives the same pixels. Pillow raises on truncated files (``LOAD_TRUNCATED_IMAGES`` is
+    off by default).
+    """
     try:
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        img = decode_jpeg(data, mode=ImageReadMode.RGB)
-    except (OSError, RuntimeError, ValueError) as e:
+        with Image.open(path) as im:
+            if im.format != "JPEG":
+                raise ValueError(f"a {im.format} file, not a JPEG")
+            rgb = np.array(im.convert("RGB"))  # a writable copy for torch
+    except (OSError, ValueError, SyntaxError) as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise DataError(f"Tiny-ImageNet image {path} is unreadable or corrupt ({reason})") from e
-    if tuple(img.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
+    if rgb.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise DataError(
-            f"Tiny-ImageNet image {path} is {img.shape[2]} x {img.shape[1]} px; expected 64 x 64"
+            f"Tiny-ImageNet image {path} is {rgb.shape[1]} x {rgb.shape[0]} px; expected 64 x 64"
         )
-    return img
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def _decode_all(paths: list[Path], workers: int) -> torch.Tensor:
     """Decode ``paths`` into one uint8 [N, 3, 64, 64] tensor, ``workers`` threads at once.
 
-    libjpeg runs outside the GIL, so threads decode in parallel without the start-up and
-    copying costs of processes.
+    Pillow decodes outside the GIL, so threads work in parallel without the start-up
+    and copying costs of processes.
     """
     out = torch.empty(len(paths), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
 
