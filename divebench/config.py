@@ -418,8 +418,15 @@ def resolve(overrides: dict[str, str], registry: Any, suite_name: str | None = N
         if dk not in used:
             prefix = dk.split(".", 1)[0]
             known = [e.name for e in selected] + [e.policy for e in selected]
-            if prefix in registry.policies or prefix in suite.entries:
-                raise ConfigError(f"key '{dk}' sets policy/entry '{prefix}', which this run does not include (running: {', '.join(e.name for e in selected)})")
+            owner = suite.entries[prefix].policy if prefix in suite.entries else prefix
+            if owner in registry.policies:
+                # A key of a policy this run does not include (e.g. a sweep's grid over
+                # divebatch.delta while running sgd): harmless, but it must exist.
+                fields_ = policy_fields(registry.policies[owner][0])
+                key = dk.split(".", 1)[1]
+                if key not in fields_:
+                    raise ConfigError(f"unknown key '{dk}': policy {owner} has no key '{key}'{suggest(key, fields_)} (keys: {', '.join(fields_) or 'none'})")
+                continue
             raise ConfigError(f"unknown key '{dk}': '{prefix}' is no policy or entry of this run{suggest(prefix, known)}")
 
     cfg = RunConfig(suite, values, sources, entries, entry_sources)

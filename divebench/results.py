@@ -59,7 +59,10 @@ def _clean(obj: Any) -> Any:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ResultsError(f"cannot write {path}: {exc.strerror or exc}{_hint(exc)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -72,8 +75,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise ResultsError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise ResultsError(f"cannot write {path}: {exc.strerror or exc}{_hint(exc)}") from None
         raise
+
+
+def _hint(exc: OSError) -> str:
+    if is_disk_full(exc):
+        return "; free some space, then continue the same command with resume=auto"
+    return ""
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,0 +1,164 @@
+"""Reliability: resume after SIGKILL/SIGTERM with identical results, concurrent runs in
+one results directory, and the user errors of resuming and writing results."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import read_rows, run_cli
+
+# Fields that legitimately differ between an interrupted+resumed run and a straight one.
+TIME_FIELDS = {"train_time_s", "epoch_train_time_s", "eval_time_s", "other_time_s", "wall_time_s",
+               "stats_time_s", "peak_memory_mb", "finished_utc", "run_id", "wandb"}
+
+BASE = ["suite=mnist1d", "seeds=0", "subset=800", "batch_size=16", "max_batch_size=256",
+        "divebatch.resize_freq=2", "divebatch.delta=0.5", "wandb=off"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "divebench.cli", "run", *args, "-q", "--no-report"]
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in TIME_FIELDS}
+    return obj
+
+
+def _only_run(root: Path) -> Path:
+    (run,) = (root / "mnist1d").iterdir()
+    return run
+
+
+def _wait_rows(run_root: Path, n: int, proc: subprocess.Popen, timeout_s: float = 240) -> Path:
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        runs = list((run_root / "mnist1d").glob("*")) if (run_root / "mnist1d").exists() else []
+        if runs and (runs[0] / "metrics.jsonl").exists() and len(read_rows(runs[0])) >= n:
+            return runs[0]
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for epochs")
+
+
+@pytest.mark.parametrize("policy", ["divebatch"])
+def test_sigkill_mid_epoch_then_resume_matches_straight_run(tmp_path, policy) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = [*BASE, f"policy={policy}", "epochs=5"]
+    subprocess.run(_cli(*args, f"results_dir={straight}"), check=True, timeout=600)
+    proc = subprocess.Popen(_cli(*args, f"results_dir={killed}"))
+    run = _wait_rows(killed, 2, proc)
+    time.sleep(0.2)  # into epoch 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"
+    assert len(read_rows(run)) < 5
+    subprocess.run(_cli(*args, f"results_dir={killed}", "resume=auto"), check=True, timeout=600)
+    a, b = _only_run(straight), _only_run(killed)
+    assert [_strip(r) for r in read_rows(a)] == [_strip(r) for r in read_rows(b)]
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert _strip(sa) == _strip(sb) and sb["status"] == "complete"
+    assert len({r["batch_size"] for r in read_rows(b)}) > 1, "choose settings where the batch size moves"
+
+
+def test_sigterm_checkpoints_at_step_boundary_and_resumes(tmp_path) -> None:
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    args = [*BASE, "policy=sgd-small", "epochs=3"]
+    subprocess.run(_cli(*args, f"results_dir={straight}"), check=True, timeout=600)
+    proc = subprocess.Popen(_cli(*args, f"results_dir={stopped}"), stderr=subprocess.PIPE, text=True)
+    run = _wait_rows(stopped, 1, proc)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "resume=auto" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    rows_before = len(read_rows(run))
+    subprocess.run(_cli(*args, f"results_dir={stopped}", f"resume={run.name}"), check=True, timeout=600)
+    assert rows_before < 3
+    assert [_strip(r) for r in read_rows(_only_run(straight))] == [_strip(r) for r in read_rows(run)]
+
+
+def test_four_concurrent_processes_share_a_results_dir(tmp_path) -> None:
+    procs = [subprocess.Popen(_cli("suite=synthetic", "policy=sgd-small", f"seeds={i % 2}", "epochs=2",
+                                   "n_samples=800", "wandb=off", f"results_dir={tmp_path}"))
+             for i in range(4)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
+    runs = list((tmp_path / "synthetic").iterdir())
+    assert len(runs) == 4 and len({r.name for r in runs}) == 4
+    for r in runs:
+        assert json.loads((r / "summary.json").read_text())["status"] == "complete"
+        assert len(read_rows(r)) == 2
+    assert not list(tmp_path.rglob("*.tmp")), "a temporary file was left behind"
+
+
+def test_resume_errors(tmp_path) -> None:
+    res = run_cli("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=2", "n_samples=600",
+                  f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q")
+    assert res.exit_code == 0
+    (run,) = (tmp_path / "synthetic").iterdir()
+    res = run_cli("run", "suite=synthetic", "policy=sgd-small", "resume=nope-s0-123", f"results_dir={tmp_path}", "-q")
+    assert res.exit_code == 2 and "resume=nope-s0-123: no such run" in res.output
+    res = run_cli("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=2", "n_samples=600", "lr=0.5",
+                  f"resume={run.name}", f"results_dir={tmp_path}", "wandb=off", "-q")
+    assert res.exit_code == 2 and "the run was started with lr=0.1, this command has lr=0.5" in res.output
+    # resume=auto skips a complete run with the same config
+    res = run_cli("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=2", "n_samples=600",
+                  "resume=auto", f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q")
+    assert res.exit_code == 0 and len(list((tmp_path / "synthetic").iterdir())) == 1
+
+
+def test_unwritable_results_dir(tmp_path) -> None:
+    target = tmp_path / "file-not-dir"
+    target.write_text("x")
+    res = run_cli("run", "suite=synthetic", "epochs=1", f"results_dir={target}", "wandb=off", "-q")
+    assert res.exit_code == 2 and "is not writable" in res.output and res.output.count("\n") == 1
+
+
+def test_disk_full_while_writing_results(tmp_path, monkeypatch) -> None:
+    """Simulate ENOSPC on the third metrics write: exit 2, one line, and every file that
+    exists is complete (the previous version of metrics.jsonl, the running summary)."""
+    import divebench.results as results
+
+    calls = {"n": 0}
+    real = results.RunFolder.append_metrics
+
+    def flaky(self, row):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise results.ResultsError(
+                f"cannot write {self.path / 'metrics.jsonl'}: No space left on device{results._hint(OSError(errno.ENOSPC, 'x'))}")
+        return real(self, row)
+
+    monkeypatch.setattr(results.RunFolder, "append_metrics", flaky)
+    res = run_cli("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=4", "n_samples=600",
+                  f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q")
+    assert res.exit_code == 2
+    assert "No space left on device; free some space, then continue the same command with resume=auto" in res.output
+    (run,) = (tmp_path / "synthetic").iterdir()
+    assert len(read_rows(run)) == 2
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"
+    assert (run / "checkpoint.pt").exists()
+
+
+def test_atomic_write_keeps_old_file_on_enospc(tmp_path, monkeypatch) -> None:
+    from divebench.results import ResultsError, atomic_write_text
+
+    f = tmp_path / "summary.json"
+    atomic_write_text(f, "old")
+
+    def boom(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(ResultsError, match="No space left on device; free some space"):
+        atomic_write_text(f, "new")
+    assert f.read_text() == "old" and not list(tmp_path.glob("*.tmp"))
