@@ -54,8 +54,20 @@ FLAGGED_STATUSES = ("diverged",)
 _EPS = 1e-12
 # Settings that must agree between the seeds of one entry for their mean to mean something.
 _CONSISTENT_KEYS = (
-    "dataset", "data", "model", "n_samples", "subset", "epochs", "batch_size", "max_batch_size",
-    "lr", "lr_schedule", "momentum", "weight_decay", "policy_name", "policy_config",
+    "dataset",
+    "data",
+    "model",
+    "n_samples",
+    "subset",
+    "epochs",
+    "batch_size",
+    "max_batch_size",
+    "lr",
+    "lr_schedule",
+    "momentum",
+    "weight_decay",
+    "policy_name",
+    "policy_config",
 )
 _RUN_MARKERS = ("summary.json", "metrics.jsonl", "config.yaml")
 
@@ -176,9 +188,18 @@ def read_run(path: Path) -> RunRecord:
         status = "unreadable"
         seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
     return RunRecord(
-        path=path, run_id=str(summary.get("run_id") or path.name), suite=str(suite or path.parent.name),
-        entry=str(entry or "?"), policy=str(policy or "?"), seed=seed, status=status,
-        config=config, env=env, summary=summary, rows=rows, problems=problems,
+        path=path,
+        run_id=str(summary.get("run_id") or path.name),
+        suite=str(suite or path.parent.name),
+        entry=str(entry or "?"),
+        policy=str(policy or "?"),
+        seed=seed,
+        status=status,
+        config=config,
+        env=env,
+        summary=summary,
+        rows=rows,
+        problems=problems,
     )
 
 
@@ -315,8 +336,10 @@ def time_to_target(rows: Sequence[dict[str, Any]], target: float) -> TargetHit:
         acc = row.get("val_acc")
         if _finite(acc) and acc >= target - _EPS:
             return TargetHit(
-                float(row["epoch"]), float(row.get("train_time_s", math.nan)),
-                float(row.get("step", math.nan)), float(row.get("samples_seen", math.nan)),
+                float(row["epoch"]),
+                float(row.get("train_time_s", math.nan)),
+                float(row.get("step", math.nan)),
+                float(row.get("samples_seen", math.nan)),
             )
     return MISS
 
@@ -417,10 +440,21 @@ class SuiteScore:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (infinities as the string 'inf')."""
         d = {
-            "suite": self.suite, "baseline": self.baseline, "target_accuracy": self.target_accuracy,
+            "suite": self.suite,
+            "baseline": self.baseline,
+            "target_accuracy": self.target_accuracy,
             "entries": [asdict(e) for e in self.entries],
-            "not_scored": [{"run_id": r.run_id, "entry": r.entry, "seed": r.seed, "status": r.status,
-                            "path": str(r.path), "problems": r.problems} for r in self.not_scored],
+            "not_scored": [
+                {
+                    "run_id": r.run_id,
+                    "entry": r.entry,
+                    "seed": r.seed,
+                    "status": r.status,
+                    "path": str(r.path),
+                    "problems": r.problems,
+                }
+                for r in self.not_scored
+            ],
             "problems": self.problems,
         }
         return _jsonable(d)
@@ -440,7 +474,9 @@ def paper_metric(seed_rows: Sequence[Sequence[dict[str, Any]]]) -> PaperMetric |
     """The paper's "time to ±1 %" over the seeds' metric rows (see module docstring)."""
     if not seed_rows:
         return None
-    by_epoch = [{int(r["epoch"]): r for r in rows if _finite(r.get("val_acc"))} for rows in seed_rows]
+    by_epoch = [
+        {int(r["epoch"]): r for r in rows if _finite(r.get("val_acc"))} for rows in seed_rows
+    ]
     times = [_epoch_times(rows) for rows in seed_rows]
     common = sorted(set.intersection(*(set(b) for b in by_epoch)))
     if not common:
@@ -467,7 +503,9 @@ def _config_value(rec: RunRecord, key: str) -> Any:
     return rec.config.get(key)
 
 
-def _select(runs: Sequence[RunRecord], suite: str) -> tuple[list[RunRecord], list[RunRecord], list[str]]:
+def _select(
+    runs: Sequence[RunRecord], suite: str
+) -> tuple[list[RunRecord], list[RunRecord], list[str]]:
     """Scorable runs (newest per entry and seed) and the rest, with notes."""
     problems: list[str] = []
     chosen: dict[tuple[str, int], RunRecord] = {}
@@ -480,11 +518,32 @@ def _select(runs: Sequence[RunRecord], suite: str) -> tuple[list[RunRecord], lis
         key = (rec.entry, rec.seed)
         if key in chosen:
             old = chosen[key]
-            old.problems.append(f"superseded by the newer run {rec.run_id} of the same entry and seed")
+            old.problems.append(
+                f"superseded by the newer run {rec.run_id} of the same entry and seed"
+            )
             problems.append(f"{rec.entry} seed {rec.seed}: {old.run_id} superseded by {rec.run_id}")
             rest.append(old)
         chosen[key] = rec
     return list(chosen.values()), rest, problems
+
+
+def _entry_order(runs: Sequence[RunRecord]) -> list[str]:
+    """Entries in the order they were configured: a ``policy`` list in the configs when
+    there is one, else the order the runs started (the suite's entry order), else names."""
+    order: list[str] = []
+    for rec in runs:
+        listed = rec.config.get("policy")
+        if isinstance(listed, list):
+            order.extend(n for n in listed if isinstance(n, str) and n not in order)
+    started: dict[str, str] = {}
+    for rec in runs:
+        t = str(rec.env.get("started_utc") or "~")  # "~" sorts after every timestamp
+        started[rec.entry] = min(started.get(rec.entry, t), t)
+
+    def key(name: str) -> tuple[int, str, str]:
+        return (order.index(name) if name in order else len(order), started.get(name, "~"), name)
+
+    return sorted({r.entry for r in runs}, key=key)
 
 
 def _suite_setting(runs: Sequence[RunRecord], key: str, problems: list[str]) -> Any:
@@ -522,15 +581,11 @@ def score_suite(
     if not target_accuracy:
         target_accuracy = None
     elif target_accuracy > 1.0:
-        problems.append(f"target_accuracy={target_accuracy} looks like a percentage; accuracies are fractions")
+        problems.append(
+            f"target_accuracy={target_accuracy} looks like a percentage; accuracies are fractions"
+        )
 
-    # keep the suite's entry order: the order runs were configured (config "policy" list)
-    order: list[str] = []
-    for rec in sorted(chosen, key=lambda r: r.run_id):
-        for name in rec.config.get("policy") or []:
-            if isinstance(name, str) and name not in order:
-                order.append(name)
-    names = sorted({r.entry for r in chosen}, key=lambda n: (order.index(n) if n in order else len(order), n))
+    names = _entry_order(chosen)
 
     entries: list[EntryScore] = []
     scored_runs: dict[str, list[RunRecord]] = {}
@@ -556,13 +611,14 @@ def _score_entry(
     diverged = [r for r in recs if r.status in FLAGGED_STATUSES]
     flags: list[str] = []
     if diverged:
-        flags.append(f"diverged {len(diverged)}/{len(recs)} (seeds {', '.join(str(r.seed) for r in diverged)})")
+        seeds = ", ".join(str(r.seed) for r in diverged)
+        flags.append(f"diverged {len(diverged)}/{len(recs)} (seeds {seeds})")
     for key in _CONSISTENT_KEYS:
         vals = {json.dumps(r.config.get(key), sort_keys=True) for r in good if key in r.config}
         if len(vals) > 1:
-            msg = f"{name}: seeds ran with different {key} ({' vs '.join(sorted(vals))}); scored together"
+            listed = " vs ".join(sorted(vals))
             flags.append(f"mixed {key}")
-            problems.append(msg)
+            problems.append(f"{name}: seeds ran with different {key} ({listed}); scored together")
     for r in good:
         if not r.rows:
             flags.append(f"seed {r.seed} has no metric rows")
@@ -572,7 +628,11 @@ def _score_entry(
         v = _num(v)
         if _finite(v):
             return float(v)
-        vals = [row[key.replace("final_", "")] for row in rec.rows if _finite(row.get(key.replace("final_", "")))]
+        vals = [
+            row[key.replace("final_", "")]
+            for row in rec.rows
+            if _finite(row.get(key.replace("final_", "")))
+        ]
         return float(vals[-1]) if vals else None
 
     def best(rec: RunRecord) -> float | None:
@@ -585,32 +645,51 @@ def _score_entry(
     finals = [v for v in (last(r, "final_val_acc") for r in good) if v is not None]
     bests = [v for v in (best(r) for r in good) if v is not None]
     totals = [v for v in (last(r, "train_time_s") for r in good) if v is not None]
-    stats_s = sum(float(row.get("stats_time_s") or 0.0) for r in good for row in r.rows if _finite(row.get("stats_time_s")))
+    stats_s = sum(
+        float(row.get("stats_time_s") or 0.0)
+        for r in good
+        for row in r.rows
+        if _finite(row.get("stats_time_s"))
+    )
     train_s = sum(totals)
-    peaks = [row["peak_memory_mb"] for r in good for row in r.rows if _finite(row.get("peak_memory_mb"))]
+    peaks = [
+        row["peak_memory_mb"] for r in good for row in r.rows if _finite(row.get("peak_memory_mb"))
+    ]
 
     paper = paper_metric([r.rows for r in good if r.rows]) if good else None
     tm: TargetMetric | None = None
     if target is not None:
         hits = {
-            int(r.seed or 0): time_to_target(r.rows, target) if r.status in SCORED_STATUSES else MISS
+            int(r.seed or 0): time_to_target(r.rows, target)
+            if r.status in SCORED_STATUSES
+            else MISS
             for r in recs
         }
         n_hit = sum(h.hit for h in hits.values())
         tm = TargetMetric(
-            target=target, hits=n_hit, n=len(hits),
+            target=target,
+            hits=n_hit,
+            n=len(hits),
             time_s=mean_se(h.train_time_s for h in hits.values()) or Stat(math.inf, None, 0),
             steps=mean_se(h.step for h in hits.values()) or Stat(math.inf, None, 0),
             samples=mean_se(h.samples_seen for h in hits.values()) or Stat(math.inf, None, 0),
             per_seed_time_s={s: h.train_time_s for s, h in hits.items()},
         )
     return EntryScore(
-        suite=suite, entry=name, policy=recs[0].policy, seeds=[int(r.seed or 0) for r in good],
-        n_diverged=len(diverged), diverged_seeds=[int(r.seed or 0) for r in diverged],
-        final_acc=mean_se(finals), best_acc=mean_se(bests), train_time_s=mean_se(totals),
+        suite=suite,
+        entry=name,
+        policy=recs[0].policy,
+        seeds=[int(r.seed or 0) for r in good],
+        n_diverged=len(diverged),
+        diverged_seeds=[int(r.seed or 0) for r in diverged],
+        final_acc=mean_se(finals),
+        best_acc=mean_se(bests),
+        train_time_s=mean_se(totals),
         stats_fraction=(stats_s / train_s) if train_s > 0 else None,
         peak_memory_mb=max(peaks) if peaks else None,
-        paper=paper, target=tm, flags=flags,
+        paper=paper,
+        target=tm,
+        flags=flags,
     )
 
 

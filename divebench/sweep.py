@@ -31,7 +31,10 @@ def _value(text: Any) -> Any:
 
 
 def sweep_config(
-    suite: str, entries: Sequence[str], seeds: Sequence[int], grid: Mapping[str, Sequence[Any]],
+    suite: str,
+    entries: Sequence[str],
+    seeds: Sequence[int],
+    grid: Mapping[str, Sequence[Any]],
     project: str,
 ) -> dict[str, Any]:
     """The sweep as a dict: a grid over entries × seeds × ``grid`` (key -> values)."""
@@ -48,7 +51,9 @@ def sweep_config(
     }
     for key, values in grid.items():
         if key in params:
-            raise ValueError(f"grid key '{key}' is already a sweep parameter (policy, seeds, suite)")
+            raise ValueError(
+                f"grid key '{key}' is already a sweep parameter (policy, seeds, suite)"
+            )
         vals = [_value(v) for v in values]
         if not vals:
             raise ValueError(f"grid key '{key}' has no values")
@@ -65,7 +70,10 @@ def sweep_config(
 
 
 def sweep_yaml(
-    suite: str, entries: Sequence[str], seeds: Sequence[int], grid: Mapping[str, Sequence[Any]],
+    suite: str,
+    entries: Sequence[str],
+    seeds: Sequence[int],
+    grid: Mapping[str, Sequence[Any]],
     project: str,
 ) -> str:
     """A W&B sweep file (YAML): ``wandb sweep FILE`` creates it, ``wandb agent ID`` runs it."""
@@ -73,7 +81,9 @@ def sweep_yaml(
         f"# divebench sweep over suite {suite}: wandb sweep <this file>, then wandb agent <id>\n"
         "# each agent run is `divebench run key=value ...` with one value per parameter\n"
     )
-    return head + yaml.safe_dump(sweep_config(suite, entries, seeds, grid, project), sort_keys=False)
+    return head + yaml.safe_dump(
+        sweep_config(suite, entries, seeds, grid, project), sort_keys=False
+    )
 
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")

@@ -13,23 +13,40 @@ from fakeruns import make_run
 from divebench.report import format_table, write_report
 from divebench.scoring import load_runs, score_suite
 
-ENTRIES = ["sgd-128", "divebatch"]
-
 
 def _suite(root, target=0.94, grad_div=True):
     for seed, sign in ((1, 1), (2, -1)):
-        make_run(root, "cifar10", "sgd-128", seed, [0.5, 0.8, 0.9, 0.946, 0.955],
-                 [797.2 + sign, 797.2, 797.2, 797.2 - sign, 500.0], batch_sizes=128,
-                 n_train=50_000, baseline="sgd-128", target_accuracy=target, entries=ENTRIES)
-        make_run(root, "cifar10", "divebatch", seed, [0.6, 0.93, 0.935, 0.9382],
-                 [319.1, 319.1 + sign, 200.0, 200.0], batch_sizes=[128, 512, 2048, 2048],
-                 n_train=50_000, baseline="sgd-128", target_accuracy=target, entries=ENTRIES,
-                 n_grad_diversity=[5000.0 + 100 * sign, None, None, None] if grad_div else None)
+        make_run(
+            root,
+            "cifar10",
+            "sgd-128",
+            seed,
+            [0.5, 0.8, 0.9, 0.946, 0.955],
+            [797.2 + sign, 797.2, 797.2, 797.2 - sign, 500.0],
+            batch_sizes=128,
+            n_train=50_000,
+            baseline="sgd-128",
+            target_accuracy=target,
+        )
+        make_run(
+            root,
+            "cifar10",
+            "divebatch",
+            seed,
+            [0.6, 0.93, 0.935, 0.9382],
+            [319.1, 319.1 + sign, 200.0, 200.0],
+            batch_sizes=[128, 512, 2048, 2048],
+            n_train=50_000,
+            baseline="sgd-128",
+            target_accuracy=target,
+            stamp="20250101T010000",
+            n_grad_diversity=[5000.0 + 100 * sign, None, None, None] if grad_div else None,
+        )
 
 
 def test_report_files_tables_and_charts(tmp_path):
     _suite(tmp_path / "results")
-    make_run(tmp_path / "results", "cifar10", "divebatch", 3, [0.5], status="failed", entries=ENTRIES)
+    make_run(tmp_path / "results", "cifar10", "divebatch", 3, [0.5], status="failed")
     md = write_report([tmp_path / "results"], tmp_path / "out")
     assert md == tmp_path / "out" / "report.md"
     text = md.read_text()
@@ -39,9 +56,16 @@ def test_report_files_tables_and_charts(tmp_path):
     assert "| divebatch | divebatch | 2 |" in text  # the failed seed is not averaged in ...
     assert re.search(r"divebatch-s3-\S+ \| divebatch \| 3 \| failed", text)  # ... but listed
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
-    assert pngs == sorted(f"cifar10-{s}.png" for s in (
-        "val_acc-vs-time", "val_acc-vs-samples", "batch_size-vs-epoch",
-        "grad_diversity-vs-epoch", "lr-vs-epoch"))
+    assert pngs == sorted(
+        f"cifar10-{s}.png"
+        for s in (
+            "val_acc-vs-time",
+            "val_acc-vs-samples",
+            "batch_size-vs-epoch",
+            "grad_diversity-vs-epoch",
+            "lr-vs-epoch",
+        )
+    )
     for name in pngs:
         assert f"]({name})" in text  # linked from the Markdown, relative to it
         img = mpimg.imread(tmp_path / "out" / name)
@@ -76,8 +100,16 @@ def test_no_grad_diversity_chart_when_nothing_was_measured(tmp_path):
 
 def test_console_table(tmp_path):
     _suite(tmp_path)
-    make_run(tmp_path, "cifar10", "divebatch", 7, [0.7, 0.1], status="diverged", entries=ENTRIES,
-             baseline="sgd-128", target_accuracy=0.94)
+    make_run(
+        tmp_path,
+        "cifar10",
+        "divebatch",
+        7,
+        [0.7, 0.1],
+        status="diverged",
+        baseline="sgd-128",
+        target_accuracy=0.94,
+    )
     table = format_table(score_suite(load_runs([tmp_path])))
     lines = table.splitlines()
     assert lines[0] == "suite cifar10 — speed-ups vs sgd-128"

@@ -31,14 +31,32 @@ DIVE_TIMES = [160.0, 160.0, 159.1, 159.1, 100.0, 100.0, 100.0, 100.0]
 def _paper_suite(tmp_path, target=0.0):
     """Two seeds per entry, spread symmetrically around the seed-mean curves above."""
     for seed, sign in ((1, +1), (2, -1)):
-        make_run(tmp_path, "cifar10", "sgd-128", seed,
-                 [a + sign * 0.002 for a in SGD_CURVE], [t + sign * 5.0 for t in SGD_TIMES],
-                 batch_sizes=128, n_train=50_000, baseline="sgd-128", target_accuracy=target,
-                 entries=["sgd-128", "divebatch"])
-        make_run(tmp_path, "cifar10", "divebatch", seed,
-                 [a + sign * 0.001 for a in DIVE_CURVE], [t + sign * 2.0 for t in DIVE_TIMES],
-                 batch_sizes=[128, 128, 512, 512, 2048, 2048, 2048, 2048], n_train=50_000,
-                 baseline="sgd-128", target_accuracy=target, entries=["sgd-128", "divebatch"])
+        make_run(
+            tmp_path,
+            "cifar10",
+            "sgd-128",
+            seed,
+            [a + sign * 0.002 for a in SGD_CURVE],
+            [t + sign * 5.0 for t in SGD_TIMES],
+            batch_sizes=128,
+            n_train=50_000,
+            baseline="sgd-128",
+            target_accuracy=target,
+            stamp="20250101T000000",
+        )
+        make_run(
+            tmp_path,
+            "cifar10",
+            "divebatch",
+            seed,
+            [a + sign * 0.001 for a in DIVE_CURVE],
+            [t + sign * 2.0 for t in DIVE_TIMES],
+            batch_sizes=[128, 128, 512, 512, 2048, 2048, 2048, 2048],
+            n_train=50_000,
+            baseline="sgd-128",
+            target_accuracy=target,
+            stamp="20250101T010000",
+        )
     return load_runs([tmp_path])
 
 
@@ -195,13 +213,13 @@ def test_non_finite_values_written_as_strings_are_read_back(tmp_path):
 
 
 def test_suite_filter_entry_order_and_missing_baseline(tmp_path):
-    make_run(tmp_path, "s", "zeta", 0, [0.5, 0.6], entries=["zeta", "alpha"])
-    make_run(tmp_path, "s", "alpha", 0, [0.5, 0.7], entries=["zeta", "alpha"])
+    make_run(tmp_path, "s", "zeta", 0, [0.5, 0.6], stamp="20250101T000000")
+    make_run(tmp_path, "s", "alpha", 0, [0.5, 0.7], stamp="20250101T000100")
     make_run(tmp_path, "other", "x", 0, [0.5, 0.7])
     runs = load_runs([tmp_path], suite="s")
     assert {r.suite for r in runs} == {"s"}
     score = score_suite(runs, baseline="nope", target_accuracy=None)
-    assert [e.entry for e in score.entries] == ["zeta", "alpha"]  # the configured order
+    assert [e.entry for e in score.entries] == ["zeta", "alpha"]  # the order the runs started
     assert any("baseline 'nope'" in p for p in score.problems)
     assert all(not e.speedups for e in score.entries)
     assert set(scoring.score_all(load_runs([tmp_path]))) == {"other", "s"}
@@ -213,3 +231,13 @@ def test_scores_serialise_to_json_with_infinities_as_strings(tmp_path):
     text = json.dumps(d, allow_nan=False)  # valid JSON, no bare Infinity
     assert '"inf"' in text
     assert d["entries"][0]["entry"] == "sgd-128"
+
+
+def test_epoch_times_fall_back_to_differences_of_the_cumulative_time(tmp_path):
+    path = make_run(tmp_path, "s", "a", 0, [0.5, 0.9, 0.9], epoch_time_s=[1.0, 2.0, 4.0])
+    rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        del r["epoch_train_time_s"]  # an older or foreign writer
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    e = score_suite(load_runs([tmp_path])).entry("a")
+    assert e.paper.epoch == 2 and e.paper.time_s == pytest.approx(3.0)

@@ -11,8 +11,13 @@ from divebench.sweep import parse_shard, shard, sweep_yaml
 
 
 def test_sweep_yaml_runs_divebench_with_key_value_args():
-    text = sweep_yaml("mnist1d", ["sgd", "divebatch"], [1, 2, 3],
-                      {"divebatch.delta": ["0.1", "0.5"], "lr_schedule": ["cosine"]}, "bench")
+    text = sweep_yaml(
+        "mnist1d",
+        ["sgd", "divebatch"],
+        [1, 2, 3],
+        {"divebatch.delta": ["0.1", "0.5"], "lr_schedule": ["cosine"]},
+        "bench",
+    )
     cfg = yaml.safe_load(text)
     assert cfg["method"] == "grid" and cfg["project"] == "bench"
     assert cfg["command"] == ["${env}", "divebench", "run", "${args_no_hyphens}"]

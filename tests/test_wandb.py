@@ -18,16 +18,39 @@ from divebench.report import wandb_sink
 from divebench.report.wandb_sink import WandbSink, logged_in, resolve_mode
 
 ROWS = [
-    {"epoch": e, "step": 10 * e, "samples_seen": 320 * e, "batch_size": 32, "lr": 0.1,
-     "lr_multiplier": 1.0, "train_loss": 1.0 / e, "train_acc": 0.5, "val_loss": 1.0 / e,
-     "val_acc": 0.5 + 0.1 * e + 0.0125, "train_time_s": 1.5 * e, "epoch_train_time_s": 1.5,
-     "eval_time_s": 0.1 * e, "other_time_s": 0.0, "wall_time_s": 1.6 * e, "measured": e == 2,
-     "grad_diversity": 0.25 if e == 2 else None, "n_grad_diversity": 80.0 if e == 2 else None,
-     "stats_time_s": 0.01 if e == 2 else 0.0, "peak_memory_mb": 12.5}
+    {
+        "epoch": e,
+        "step": 10 * e,
+        "samples_seen": 320 * e,
+        "batch_size": 32,
+        "lr": 0.1,
+        "lr_multiplier": 1.0,
+        "train_loss": 1.0 / e,
+        "train_acc": 0.5,
+        "val_loss": 1.0 / e,
+        "val_acc": 0.5 + 0.1 * e + 0.0125,
+        "train_time_s": 1.5 * e,
+        "epoch_train_time_s": 1.5,
+        "eval_time_s": 0.1 * e,
+        "other_time_s": 0.0,
+        "wall_time_s": 1.6 * e,
+        "measured": e == 2,
+        "grad_diversity": 0.25 if e == 2 else None,
+        "n_grad_diversity": 80.0 if e == 2 else None,
+        "stats_time_s": 0.01 if e == 2 else 0.0,
+        "peak_memory_mb": 12.5,
+    }
     for e in (1, 2, 3)
 ]
-SUMMARY = {"run_id": "sgd-s0-x", "status": "complete", "final_val_acc": 0.8125,
-           "best_val_acc": 0.8125, "train_time_s": 4.5, "error": None, "wandb": None}
+SUMMARY = {
+    "run_id": "sgd-s0-x",
+    "status": "complete",
+    "final_val_acc": 0.8125,
+    "best_val_acc": 0.8125,
+    "train_time_s": 4.5,
+    "error": None,
+    "wandb": None,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -43,9 +66,17 @@ def offline_wandb(monkeypatch, tmp_path):
 
 
 def _start(sink: WandbSink, run_dir: Path, mode: str = "offline", run_id: str = "sgd-s0-x") -> None:
-    sink.start(run_dir, config={"suite": "synthetic", "entry": "sgd", "seed": 0},
-               env={"torch": "2.14.1"}, mode=mode, project="divebench-test", group="synthetic",
-               job_type="sgd", name="sgd seed 0", run_id=run_id)
+    sink.start(
+        run_dir,
+        config={"suite": "synthetic", "entry": "sgd", "seed": 0},
+        env={"torch": "2.14.1"},
+        mode=mode,
+        project="divebench-test",
+        group="synthetic",
+        job_type="sgd",
+        name="sgd seed 0",
+        run_id=run_id,
+    )
 
 
 def _run_file(run_dir: Path, run_id: str) -> Path:
@@ -78,8 +109,17 @@ def test_offline_run_lives_in_the_run_folder(tmp_path, capsys):
     data = _run_bytes(_run_file(run_dir, "sgd-s0-x"), b"final_val_acc")
     assert info["sync_command"] == f"wandb sync {_run_file(run_dir, 'sgd-s0-x').parent}"
     # the rows, the time/sample copies, the config and the summary are in the run's record
-    for needle in (b"val_acc", b"by_time/val_acc", b"by_samples/val_acc", b"n_grad_diversity",
-                   b"train_time_s", b"0.8125", b"divebench-test", b"synthetic", b"final_val_acc"):
+    for needle in (
+        b"val_acc",
+        b"by_time/val_acc",
+        b"by_samples/val_acc",
+        b"n_grad_diversity",
+        b"train_time_s",
+        b"0.8125",
+        b"divebench-test",
+        b"synthetic",
+        b"final_val_acc",
+    ):
         assert needle in data, needle
     assert "divebench: W&B" not in capsys.readouterr().err
     assert sink.finish(SUMMARY) == info  # a second finish is harmless
@@ -193,10 +233,20 @@ def test_report_spec_is_built_without_the_network():
     (grid,) = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
     (runset,) = grid.runsets
     assert runset.groupby == ["config.entry"]
-    assert "Group" in runset.filters and "'mnist1d'" in runset.filters and "divebatch" in runset.filters
+    assert (
+        "Group" in runset.filters
+        and "'mnist1d'" in runset.filters
+        and "divebatch" in runset.filters
+    )
     axes = {(p.x, p.y[0]) for p in grid.panels}
-    assert axes == {("epoch", "val_acc"), ("train_time_s", "val_acc"), ("samples_seen", "val_acc"),
-                    ("epoch", "batch_size"), ("epoch", "n_grad_diversity"), ("epoch", "lr")}
+    assert axes == {
+        ("epoch", "val_acc"),
+        ("train_time_s", "val_acc"),
+        ("samples_seen", "val_acc"),
+        ("epoch", "batch_size"),
+        ("epoch", "n_grad_diversity"),
+        ("epoch", "lr"),
+    }
     cells = {(p.layout.x, p.layout.y) for p in grid.panels}
     assert len(cells) == len(grid.panels)  # no two panels on top of each other
     # the spec W&B would receive (no entity: no project lookup, so no network)
@@ -218,8 +268,13 @@ def test_publish_report_offline_says_what_to_do(tmp_path, monkeypatch):
         summary = json.loads((path / "summary.json").read_text())
         sync_dir = path / "wandb" / f"offline-run-20250101_000000-{summary['run_id']}"
         sync_dir.mkdir(parents=True)
-        summary["wandb"] = {"mode": "offline", "dir": str(path / "wandb"), "run_id": summary["run_id"],
-                            "sync_dir": str(sync_dir), "sync_command": f"wandb sync {sync_dir}"}
+        summary["wandb"] = {
+            "mode": "offline",
+            "dir": str(path / "wandb"),
+            "run_id": summary["run_id"],
+            "sync_dir": str(sync_dir),
+            "sync_command": f"wandb sync {sync_dir}",
+        }
         (path / "summary.json").write_text(json.dumps(summary))
     runs = load_runs([tmp_path])
     assert len(sync_commands(runs)) == 2

@@ -75,15 +75,35 @@ def accuracy_table(score: SuiteScore) -> Table:
     rows = []
     for e in score.entries:
         stats = "–" if e.stats_fraction is None else f"{100 * e.stats_fraction:.1f}%"
-        rows.append([
-            e.entry, e.policy, str(e.n), fmt_pct(e.final_acc), fmt_pct(e.best_acc),
-            fmt_pp(e.acc_diff_pp), fmt_stat(e.train_time_s), stats, _num(e.peak_memory_mb, 0),
-            _flags(e),
-        ])
+        rows.append(
+            [
+                e.entry,
+                e.policy,
+                str(e.n),
+                fmt_pct(e.final_acc),
+                fmt_pct(e.best_acc),
+                fmt_pp(e.acc_diff_pp),
+                fmt_stat(e.train_time_s),
+                stats,
+                _num(e.peak_memory_mb, 0),
+                _flags(e),
+            ]
+        )
     return Table(
-        ["entry", "policy", "seeds", "final val acc %", "best val acc %", "Δ final vs baseline (pp)",
-         "training time s", "statistics share", "peak memory MB", "flags"],
-        rows, list("llrrrrrrrl"),
+        [
+            "entry",
+            "policy",
+            "seeds",
+            "final val acc %",
+            "best val acc %",
+            "Δ final vs baseline (pp)",
+            "training time s",
+            "statistics share",
+            "peak memory MB",
+            "flags",
+        ],
+        rows,
+        list("llrrrrrrrl"),
     )
 
 
@@ -96,15 +116,33 @@ def paper_table(score: SuiteScore) -> Table:
             rows.append([e.entry, "–", "–", "–", "–", "–", "–", "–", "–"])
             continue
         sp = e.speedups
-        rows.append([
-            e.entry, f"{100 * p.final_acc:.2f}", f"{p.epoch} / {p.epochs_used}", _num(p.time_s),
-            _num(p.steps, 0), _num(p.samples, 0), fmt_speedup(sp.get("paper_time")),
-            fmt_speedup(sp.get("paper_steps")), fmt_speedup(sp.get("paper_samples")),
-        ])
+        rows.append(
+            [
+                e.entry,
+                f"{100 * p.final_acc:.2f}",
+                f"{p.epoch} / {p.epochs_used}",
+                _num(p.time_s),
+                _num(p.steps, 0),
+                _num(p.samples, 0),
+                fmt_speedup(sp.get("paper_time")),
+                fmt_speedup(sp.get("paper_steps")),
+                fmt_speedup(sp.get("paper_samples")),
+            ]
+        )
     return Table(
-        ["entry", "final (seed mean) %", "epoch", "time s", "steps", "samples",
-         "speed-up time", "speed-up steps", "speed-up samples"],
-        rows, list("lrrrrrrrr"),
+        [
+            "entry",
+            "final (seed mean) %",
+            "epoch",
+            "time s",
+            "steps",
+            "samples",
+            "speed-up time",
+            "speed-up steps",
+            "speed-up samples",
+        ],
+        rows,
+        list("lrrrrrrrr"),
     )
 
 
@@ -116,15 +154,31 @@ def target_table(score: SuiteScore) -> Table:
         sp = e.speedups
         if t is None:
             continue
-        rows.append([
-            e.entry, f"{t.hits}/{t.n}", fmt_target(t, "time_s"), fmt_target(t, "steps", 0),
-            fmt_target(t, "samples", 0), fmt_speedup(sp.get("target_time")),
-            fmt_speedup(sp.get("target_steps")), fmt_speedup(sp.get("target_samples")),
-        ])
+        rows.append(
+            [
+                e.entry,
+                f"{t.hits}/{t.n}",
+                fmt_target(t, "time_s"),
+                fmt_target(t, "steps", 0),
+                fmt_target(t, "samples", 0),
+                fmt_speedup(sp.get("target_time")),
+                fmt_speedup(sp.get("target_steps")),
+                fmt_speedup(sp.get("target_samples")),
+            ]
+        )
     return Table(
-        ["entry", "seeds hit", "time s", "steps", "samples", "speed-up time", "speed-up steps",
-         "speed-up samples"],
-        rows, list("lrrrrrrr"),
+        [
+            "entry",
+            "seeds hit",
+            "time s",
+            "steps",
+            "samples",
+            "speed-up time",
+            "speed-up steps",
+            "speed-up samples",
+        ],
+        rows,
+        list("lrrrrrrr"),
     )
 
 
@@ -132,30 +186,56 @@ def console_table(score: SuiteScore) -> Table:
     rows = []
     for e in score.entries:
         p, sp = e.paper, e.speedups
-        rows.append([
-            e.entry, f"{e.n}" + (f" (+{e.n_diverged} div)" if e.n_diverged else ""),
-            fmt_pct(e.final_acc), fmt_pp(e.acc_diff_pp),
-            "–" if p is None else str(p.epoch), "–" if p is None else _num(p.time_s),
-            fmt_speedup(sp.get("paper_time")), fmt_speedup(sp.get("paper_steps")),
-            fmt_speedup(sp.get("paper_samples")),
-            *( [fmt_target(e.target), fmt_speedup(sp.get("target_time"))] if score.target_accuracy else []),
-        ])
-    headers = ["entry", "seeds", "final acc %", "Δ pp", "±1% ep", "±1% time s", "×time",
-               "×steps", "×samples"]
+        rows.append(
+            [
+                e.entry,
+                f"{e.n}" + (f" (+{e.n_diverged} div)" if e.n_diverged else ""),
+                fmt_pct(e.final_acc),
+                fmt_pp(e.acc_diff_pp),
+                "–" if p is None else str(p.epoch),
+                "–" if p is None else _num(p.time_s),
+                fmt_speedup(sp.get("paper_time")),
+                fmt_speedup(sp.get("paper_steps")),
+                fmt_speedup(sp.get("paper_samples")),
+                *(
+                    [fmt_target(e.target), fmt_speedup(sp.get("target_time"))]
+                    if score.target_accuracy
+                    else []
+                ),
+            ]
+        )
+    headers = [
+        "entry",
+        "seeds",
+        "final acc %",
+        "Δ pp",
+        "±1% ep",
+        "±1% time s",
+        "×time",
+        "×steps",
+        "×samples",
+    ]
     if score.target_accuracy:
         headers += [f"time to {100 * score.target_accuracy:g}% s", "×target"]
     return Table(headers, rows, list("lrrrrrrrr") + (["r", "r"] if score.target_accuracy else []))
 
 
 def _plain(table: Table) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in table.rows)) if table.rows else len(h)
-              for i, h in enumerate(table.headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in table.rows)) if table.rows else len(h)
+        for i, h in enumerate(table.headers)
+    ]
     align = table.align or ["l"] * len(widths)
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, align, strict=True)).rstrip()
+        return "  ".join(
+            c.rjust(w) if a == "r" else c.ljust(w)
+            for c, w, a in zip(cells, widths, align, strict=True)
+        ).rstrip()
 
-    return "\n".join([line(table.headers), line(["-" * w for w in widths]), *(line(r) for r in table.rows)])
+    return "\n".join(
+        [line(table.headers), line(["-" * w for w in widths]), *(line(r) for r in table.rows)]
+    )
 
 
 def format_table(score: SuiteScore) -> str:
@@ -163,9 +243,12 @@ def format_table(score: SuiteScore) -> str:
     head = f"suite {score.suite}"
     if score.baseline:
         head += f" — speed-ups vs {score.baseline}"
-    lines = [head, _plain(console_table(score)),
-             "±1%: first epoch whose seed-mean val acc is within 1 point of the entry's final mean; "
-             "× = baseline / entry (miss: never got there). Final acc: mean ± SE over seeds."]
+    lines = [
+        head,
+        _plain(console_table(score)),
+        "±1%: first epoch whose seed-mean val acc is within 1 point of the entry's final mean; "
+        "× = baseline / entry (miss: never got there). Final acc: mean ± SE over seeds.",
+    ]
     for e in score.entries:
         if e.flags:
             lines.append(f"! {e.entry}: {_flags(e)}")
@@ -187,38 +270,70 @@ def _environment(score: SuiteScore) -> Table:
         for r in runs:
             env = r.env
             sha = str(env.get("git_sha") or "?")[:10] + ("+dirty" if env.get("git_dirty") else "")
-            counts[(
-                str(env.get("device_name") or env.get("device") or "?"), str(env.get("torch") or "?"),
-                str(env.get("cuda") or "–"), str(env.get("python") or "?"), sha,
-                str(env.get("hostname") or "?"),
-            )] += 1
+            counts[
+                (
+                    str(env.get("device_name") or env.get("device") or "?"),
+                    str(env.get("torch") or "?"),
+                    str(env.get("cuda") or "–"),
+                    str(env.get("python") or "?"),
+                    sha,
+                    str(env.get("hostname") or "?"),
+                )
+            ] += 1
     rows = [[*k, str(n)] for k, n in sorted(counts.items())]
-    return Table(["device", "torch", "CUDA", "python", "git", "host", "runs"], rows, list("llllllr"))
+    return Table(
+        ["device", "torch", "CUDA", "python", "git", "host", "runs"], rows, list("llllllr")
+    )
 
 
 def suite_blocks(score: SuiteScore, charts: dict[str, Path]) -> list[Block]:
     """The blocks of one suite's section."""
     b: list[Block] = [_h(2, f"Suite {score.suite}")]
-    facts = [f"entries: {len(score.entries)}",
-             f"baseline: {score.baseline or 'none (no speed-ups)'}",
-             f"fixed target: {'none' if not score.target_accuracy else f'{100 * score.target_accuracy:g}% validation accuracy'}"]
+    target = "none"
+    if score.target_accuracy:
+        target = f"{100 * score.target_accuracy:g}% validation accuracy"
+    facts = [
+        f"entries: {len(score.entries)}",
+        f"baseline: {score.baseline or 'none (no speed-ups)'}",
+        f"fixed target: {target}",
+    ]
     b.append(Block("p", "; ".join(facts) + "."))
     b.append(_h(3, "Accuracy"))
-    b.append(Block("p", "Mean ± standard error over seeds (SE = sample std / √n; '–' with one seed). "
-                        "Statistics share: time spent on gradient statistics within the timed training."))
+    b.append(
+        Block(
+            "p",
+            "Mean ± standard error over seeds (SE = sample std / √n; '–' with one seed). "
+            "Statistics share: time spent on gradient statistics within the timed training.",
+        )
+    )
     b.append(Block("table", table=accuracy_table(score)))
     b.append(_h(3, "Time to within 1 point of the entry's own final accuracy (the paper's metric)"))
-    b.append(Block("p", "Seed-mean validation accuracy per epoch; the first epoch at or above the "
-                        "final mean minus 1 percentage point; time is the sum of the seed-mean "
-                        "per-epoch training times up to it (evaluation excluded). Each entry is "
-                        "measured against its own plateau, so an entry that plateaus lower can look "
-                        "faster: read it beside the fixed-target table. Steps and samples do not "
-                        "depend on the hardware."))
+    b.append(
+        Block(
+            "p",
+            "Seed-mean validation accuracy per epoch; the first epoch at or above the "
+            "final mean minus 1 percentage point; time is the sum of the seed-mean "
+            "per-epoch training times up to it (evaluation excluded). Each entry is "
+            "measured against its own plateau, so an entry that plateaus lower can look "
+            "faster: read it beside the fixed-target table. Steps and samples do not "
+            "depend on the hardware.",
+        )
+    )
     b.append(Block("table", table=paper_table(score)))
     if score.target_accuracy:
-        b.append(_h(3, f"Time to the fixed target ({100 * score.target_accuracy:g}% validation accuracy)"))
-        b.append(Block("p", "Per seed, the first evaluation at or above the target. Mean ± SE only when "
-                            "every seed got there; otherwise 'miss (k/n hit)'. Diverged runs are misses."))
+        b.append(
+            _h(
+                3,
+                f"Time to the fixed target ({100 * score.target_accuracy:g}% validation accuracy)",
+            )
+        )
+        b.append(
+            Block(
+                "p",
+                "Per seed, the first evaluation at or above the target. Mean ± SE only when "
+                "every seed got there; otherwise 'miss (k/n hit)'. Diverged runs are misses.",
+            )
+        )
         b.append(Block("table", table=target_table(score)))
     if charts:
         b.append(_h(3, "Charts"))
@@ -230,11 +345,25 @@ def suite_blocks(score: SuiteScore, charts: dict[str, Path]) -> list[Block]:
         b.append(Block("p", "No entry measured gradient diversity: no n·Δ̂ chart."))
     if score.not_scored:
         b.append(_h(3, "Runs not scored"))
-        b.append(Block("table", table=Table(
-            ["run", "entry", "seed", "status", "why"],
-            [[r.run_id, r.entry, "–" if r.seed is None else str(r.seed), r.status,
-              "; ".join(r.problems) or (r.summary.get("error") or "")] for r in score.not_scored],
-            list("llrll"))))
+        b.append(
+            Block(
+                "table",
+                table=Table(
+                    ["run", "entry", "seed", "status", "why"],
+                    [
+                        [
+                            r.run_id,
+                            r.entry,
+                            "–" if r.seed is None else str(r.seed),
+                            r.status,
+                            "; ".join(r.problems) or (r.summary.get("error") or ""),
+                        ]
+                        for r in score.not_scored
+                    ],
+                    list("llrll"),
+                ),
+            )
+        )
     if score.problems:
         b.append(_h(3, "Problems"))
         b.append(Block("list", items=list(score.problems)))
@@ -264,8 +393,10 @@ def to_markdown(blocks: Sequence[Block], rel_to: Path) -> str:
         elif b.kind == "table" and b.table is not None:
             t = b.table
             align = t.align or ["l"] * len(t.headers)
-            lines = ["| " + " | ".join(_md_cell(h) for h in t.headers) + " |",
-                     "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+            lines = [
+                "| " + " | ".join(_md_cell(h) for h in t.headers) + " |",
+                "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+            ]
             lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in t.rows]
             out.append("\n".join(lines))
         elif b.kind == "img" and b.path is not None:
@@ -288,8 +419,10 @@ h2{border-bottom:2px solid #ddd;padding-bottom:0.2em;margin-top:1.8em}
 def to_html(blocks: Sequence[Block], title: str) -> str:
     """A single self-contained page: PNGs are inlined as data URIs."""
     esc = html.escape
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-           f"<style>{_CSS}</style></head><body>"]
+    out = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{_CSS}</style></head><body>"
+    ]
     for b in blocks:
         if b.kind.startswith("h"):
             out.append(f"<{b.kind}>{esc(b.text)}</{b.kind}>")
@@ -300,13 +433,21 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
         elif b.kind == "table" and b.table is not None:
             t = b.table
             align = t.align or ["l"] * len(t.headers)
-            head = "".join(f"<th class='{a}'>{esc(h)}</th>" for h, a in zip(t.headers, align, strict=True))
-            body = "".join("<tr>" + "".join(f"<td class='{a}'>{esc(c)}</td>" for c, a in zip(r, align, strict=True))
-                           + "</tr>" for r in t.rows)
+            head = "".join(
+                f"<th class='{a}'>{esc(h)}</th>" for h, a in zip(t.headers, align, strict=True)
+            )
+            body = "".join(
+                "<tr>"
+                + "".join(f"<td class='{a}'>{esc(c)}</td>" for c, a in zip(r, align, strict=True))
+                + "</tr>"
+                for r in t.rows
+            )
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif b.kind == "img" and b.path is not None:
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
-            out.append(f"<figure><img alt='{esc(b.text)}' src='data:image/png;base64,{data}'></figure>")
+            out.append(
+                f"<figure><img alt='{esc(b.text)}' src='data:image/png;base64,{data}'></figure>"
+            )
     out.append("</body></html>")
     return "\n".join(out)
 
@@ -314,7 +455,9 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def write_report(results_dirs: Sequence[Path] | Path, out_dir: Path, suite: str | None = None) -> Path:
+def write_report(
+    results_dirs: Sequence[Path] | Path, out_dir: Path, suite: str | None = None
+) -> Path:
     """Score every suite under ``results_dirs`` and write the report into ``out_dir``.
 
     Writes ``report.md`` (PNGs beside it, linked), ``report.html`` (self-contained),
@@ -331,12 +474,17 @@ def write_report(results_dirs: Sequence[Path] | Path, out_dir: Path, suite: str 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     blocks: list[Block] = [
         _h(1, "divebench report"),
-        Block("p", f"{len(runs)} run folder(s) from {', '.join(str(d) for d in dirs)}; "
-                   f"written {stamp}. Accuracies in percent; times in seconds of timed training "
-                   f"(evaluation, logging and checkpoints excluded)."),
+        Block(
+            "p",
+            f"{len(runs)} run folder(s) from {', '.join(str(d) for d in dirs)}; "
+            f"written {stamp}. Accuracies in percent; times in seconds of timed training "
+            f"(evaluation, logging and checkpoints excluded).",
+        ),
     ]
     if not scores:
-        blocks.append(Block("p", "No run folders found" + (f" for suite {suite}" if suite else "") + "."))
+        blocks.append(
+            Block("p", "No run folders found" + (f" for suite {suite}" if suite else "") + ".")
+        )
     for s in scores.values():
         charts = suite_charts(s, out_dir)
         blocks.extend(suite_blocks(s, charts))
@@ -344,5 +492,6 @@ def write_report(results_dirs: Sequence[Path] | Path, out_dir: Path, suite: str 
     md_path.write_text(to_markdown(blocks, out_dir))
     (out_dir / "report.html").write_text(to_html(blocks, "divebench report"))
     (out_dir / "scores.json").write_text(
-        json.dumps({k: v.to_dict() for k, v in scores.items()}, indent=2, allow_nan=False) + "\n")
+        json.dumps({k: v.to_dict() for k, v in scores.items()}, indent=2, allow_nan=False) + "\n"
+    )
     return md_path

@@ -86,7 +86,9 @@ def _thousands(v: float, _pos: Any) -> str:
     return f"{v:g}"
 
 
-def _finish(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, path: Path, note: str = BAND_NOTE) -> Path:
+def _finish(
+    fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, path: Path, note: str = BAND_NOTE
+) -> Path:
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -108,9 +110,20 @@ def _label(score: SuiteScore, name: str) -> str:
 
 
 def _line_chart(
-    score: SuiteScore, path: Path, y: str, x: str, *, title: str, xlabel: str, ylabel: str,
-    scale: float = 1.0, step: bool = False, logy: bool = False, markers: bool = False,
-    mark_paper: bool = False, target_line: bool = False,
+    score: SuiteScore,
+    path: Path,
+    y: str,
+    x: str,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    scale: float = 1.0,
+    step: bool = False,
+    logy: bool = False,
+    markers: bool = False,
+    mark_paper: bool = False,
+    target_line: bool = False,
 ) -> Path | None:
     names = [e.entry for e in score.entries]
     colors = _colors(names)
@@ -126,35 +139,79 @@ def _line_chart(
         if step:
             # the value of epoch e holds over the whole epoch: the interval [e-1, e]
             xs = [e - 1 for e in c.epochs] + [c.epochs[-1]]
-            ax.plot(xs, c.mean + c.mean[-1:], color=colors[name], label=_label(score, name),
-                    drawstyle="steps-post", linewidth=1.6, linestyle=dashes[name])
+            ax.plot(
+                xs,
+                c.mean + c.mean[-1:],
+                color=colors[name],
+                label=_label(score, name),
+                drawstyle="steps-post",
+                linewidth=1.6,
+                linestyle=dashes[name],
+            )
             if c.n > 1:
-                ax.fill_between(xs, c.lo + c.lo[-1:], c.hi + c.hi[-1:], color=colors[name],
-                                alpha=0.18, linewidth=0, step="post")
+                ax.fill_between(
+                    xs,
+                    c.lo + c.lo[-1:],
+                    c.hi + c.hi[-1:],
+                    color=colors[name],
+                    alpha=0.18,
+                    linewidth=0,
+                    step="post",
+                )
         elif markers:
             # sparse measurements: points with min–max error bars, a faint guide between them
-            err = [[m - lo for m, lo in zip(c.mean, c.lo, strict=True)],
-                   [hi - m for m, hi in zip(c.mean, c.hi, strict=True)]]
-            ax.errorbar(c.x, c.mean, yerr=err if c.n > 1 else None, color=colors[name],
-                        label=_label(score, name), marker="o", markersize=4.5, linestyle=":",
-                        linewidth=1.0, capsize=3)
+            err = [
+                [m - lo for m, lo in zip(c.mean, c.lo, strict=True)],
+                [hi - m for m, hi in zip(c.mean, c.hi, strict=True)],
+            ]
+            ax.errorbar(
+                c.x,
+                c.mean,
+                yerr=err if c.n > 1 else None,
+                color=colors[name],
+                label=_label(score, name),
+                marker="o",
+                markersize=4.5,
+                linestyle=":",
+                linewidth=1.0,
+                capsize=3,
+            )
         else:
-            ax.plot(c.x, c.mean, color=colors[name], label=_label(score, name), linewidth=1.6,
-                    linestyle=dashes[name])
+            ax.plot(
+                c.x,
+                c.mean,
+                color=colors[name],
+                label=_label(score, name),
+                linewidth=1.6,
+                linestyle=dashes[name],
+            )
             if c.n > 1:
                 ax.fill_between(c.x, c.lo, c.hi, color=colors[name], alpha=0.18, linewidth=0)
         if mark_paper:
             e = score.entry(name)
             if e.paper is not None and e.paper.epoch in c.epochs:
                 i = c.epochs.index(e.paper.epoch)
-                ax.plot([c.x[i]], [c.mean[i]], marker="*", markersize=11, color=colors[name],
-                        markeredgecolor="black", markeredgewidth=0.6, linestyle="none")
+                ax.plot(
+                    [c.x[i]],
+                    [c.mean[i]],
+                    marker="*",
+                    markersize=11,
+                    color=colors[name],
+                    markeredgecolor="black",
+                    markeredgewidth=0.6,
+                    linestyle="none",
+                )
     if not drawn:
         plt.close(fig)
         return None
     if target_line and score.target_accuracy:
-        ax.axhline(score.target_accuracy * scale, color="0.3", linestyle="--", linewidth=1,
-                   label=f"target {score.target_accuracy * scale:g}%")
+        ax.axhline(
+            score.target_accuracy * scale,
+            color="0.3",
+            linestyle="--",
+            linewidth=1,
+            label=f"target {score.target_accuracy * scale:g}%",
+        )
     if logy:
         ax.set_yscale("log", base=2 if y == "batch_size" else 10)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
@@ -164,8 +221,15 @@ def _line_chart(
         ax.xaxis.set_major_formatter(FuncFormatter(_thousands))
     if x == "epoch":
         ax.xaxis.get_major_locator().set_params(integer=True)
-        last = max((int(r["epoch"]) for runs in score.scored_runs.values() for run in runs
-                    for r in run.rows), default=1)
+        last = max(
+            (
+                int(r["epoch"])
+                for runs in score.scored_runs.values()
+                for run in runs
+                for r in run.rows
+            ),
+            default=1,
+        )
         ax.set_xlim(0 if step else 0.5, last + (0 if step else 0.5))
     note = "points: mean over seeds; bars: min–max over seeds" if markers else BAND_NOTE
     if mark_paper:
@@ -175,17 +239,51 @@ def _line_chart(
 
 # (file stem, y field, x field, title, x label, y label, options)
 CHARTS: list[tuple[str, str, str, str, str, str, dict[str, Any]]] = [
-    ("val_acc-vs-time", "val_acc", "train_time_s", "Validation accuracy vs training time",
-     "training time (s, evaluation excluded)", "validation accuracy (%)",
-     {"scale": 100.0, "mark_paper": True, "target_line": True}),
-    ("val_acc-vs-samples", "val_acc", "samples_seen", "Validation accuracy vs samples seen",
-     "training samples seen", "validation accuracy (%)", {"scale": 100.0, "target_line": True}),
-    ("batch_size-vs-epoch", "batch_size", "epoch", "Batch size per epoch", "epoch",
-     "batch size (samples, log scale)", {"step": True, "logy": True}),
-    ("grad_diversity-vs-epoch", "n_grad_diversity", "epoch", "Gradient diversity n·Δ̂ (measured epochs)",
-     "epoch", "n·Δ̂ (log scale)", {"logy": True, "markers": True}),
-    ("lr-vs-epoch", "lr", "epoch", "Learning rate per epoch (at the epoch's last step)", "epoch",
-     "learning rate", {}),
+    (
+        "val_acc-vs-time",
+        "val_acc",
+        "train_time_s",
+        "Validation accuracy vs training time",
+        "training time (s, evaluation excluded)",
+        "validation accuracy (%)",
+        {"scale": 100.0, "mark_paper": True, "target_line": True},
+    ),
+    (
+        "val_acc-vs-samples",
+        "val_acc",
+        "samples_seen",
+        "Validation accuracy vs samples seen",
+        "training samples seen",
+        "validation accuracy (%)",
+        {"scale": 100.0, "target_line": True},
+    ),
+    (
+        "batch_size-vs-epoch",
+        "batch_size",
+        "epoch",
+        "Batch size per epoch",
+        "epoch",
+        "batch size (samples, log scale)",
+        {"step": True, "logy": True},
+    ),
+    (
+        "grad_diversity-vs-epoch",
+        "n_grad_diversity",
+        "epoch",
+        "Gradient diversity n·Δ̂ (measured epochs)",
+        "epoch",
+        "n·Δ̂ (log scale)",
+        {"logy": True, "markers": True},
+    ),
+    (
+        "lr-vs-epoch",
+        "lr",
+        "epoch",
+        "Learning rate per epoch (at the epoch's last step)",
+        "epoch",
+        "learning rate",
+        {},
+    ),
 ]
 
 
@@ -198,8 +296,9 @@ def suite_charts(score: SuiteScore, out_dir: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for stem, y, x, title, xlabel, ylabel, opts in CHARTS:
         path = out_dir / f"{score.suite}-{stem}.png"
-        made = _line_chart(score, path, y, x, title=f"{score.suite}: {title}", xlabel=xlabel,
-                           ylabel=ylabel, **opts)
+        made = _line_chart(
+            score, path, y, x, title=f"{score.suite}: {title}", xlabel=xlabel, ylabel=ylabel, **opts
+        )
         if made is not None:
             out[stem] = made
     return out

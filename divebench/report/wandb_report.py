@@ -48,16 +48,27 @@ def build_report_spec(suite: str, entries: Sequence[str], project: str, entity: 
     if entries:
         filters.append(expr.Config("entry").isin(list(entries)))
     runset = wr.Runset(
-        entity=entity or "", project=project, name=suite, filters=expr.And(*filters),
+        entity=entity or "",
+        project=project,
+        name=suite,
+        filters=expr.And(*filters),
         groupby=["config.entry"],
     )
     panels = []
     for i, (title, x, y, log_y) in enumerate(PANELS):
-        panels.append(wr.LinePlot(
-            title=title, x=x, y=[y], log_y=log_y or None, title_x=x, title_y=y,
-            groupby_aggfunc="mean", groupby_rangefunc="minmax",
-            layout=wr.Layout(x=(i % 2) * 12, y=(i // 2) * 8, w=12, h=8),
-        ))
+        panels.append(
+            wr.LinePlot(
+                title=title,
+                x=x,
+                y=[y],
+                log_y=log_y or None,
+                title_x=x,
+                title_y=y,
+                groupby_aggfunc="mean",
+                groupby_rangefunc="minmax",
+                layout=wr.Layout(x=(i % 2) * 12, y=(i // 2) * 8, w=12, h=8),
+            )
+        )
     intro = (
         f"Suite **{suite}**; entries: {', '.join(entries) or 'all'}. One line per entry: the mean "
         "over seeds, band = min–max. Training time excludes evaluation. The numbers of record "
@@ -65,7 +76,9 @@ def build_report_spec(suite: str, entries: Sequence[str], project: str, entity: 
         "computed from the run folders."
     )
     return wr.Report(
-        project=project, entity=entity or "", title=f"divebench: {suite}",
+        project=project,
+        entity=entity or "",
+        title=f"divebench: {suite}",
         description=f"Batch-size policies on {suite}",
         blocks=[wr.MarkdownBlock(text=intro), wr.PanelGrid(runsets=[runset], panels=panels)],
     )
@@ -77,7 +90,11 @@ def sync_commands(runs: Sequence[RunRecord]) -> list[str]:
     out = []
     for r in runs:
         info = r.summary.get("wandb") or {}
-        if not isinstance(info, dict) or info.get("mode") != "offline" or not info.get("sync_command"):
+        if (
+            not isinstance(info, dict)
+            or info.get("mode") != "offline"
+            or not info.get("sync_command")
+        ):
             continue
         sync_dir = info.get("sync_dir") or str(info["sync_command"]).removeprefix("wandb sync ")
         if list(Path(sync_dir).glob("*.wandb.synced")):
@@ -92,8 +109,12 @@ def _listed(commands: list[str], limit: int = 3) -> str:
 
 
 def publish_report(
-    suite: str, entries: Sequence[str], project: str, entity: str | None = None,
-    mode: str = "auto", runs: Sequence[RunRecord] = (),
+    suite: str,
+    entries: Sequence[str],
+    project: str,
+    entity: str | None = None,
+    mode: str = "auto",
+    runs: Sequence[RunRecord] = (),
 ) -> str:
     """Save the suite's report to W&B and return its URL.
 
@@ -105,8 +126,10 @@ def publish_report(
         hint = f"; then upload the offline runs: {_listed(pending)}" if pending else ""
         raise ReportError(f"a W&B report needs W&B online: log in with `wandb login`{hint}")
     if pending:
-        raise ReportError(f"{len(pending)} run(s) of {suite} were logged offline; upload them "
-                          f"first: {_listed(pending)}")
+        raise ReportError(
+            f"{len(pending)} run(s) of {suite} were logged offline; upload them "
+            f"first: {_listed(pending)}"
+        )
     try:
         import wandb
 
@@ -117,4 +140,6 @@ def publish_report(
     except ReportError:
         raise
     except Exception as exc:  # network, auth, unknown project: say it in one line
-        raise ReportError(f"W&B report for {suite} not saved ({type(exc).__name__}: {exc})") from None
+        raise ReportError(
+            f"W&B report for {suite} not saved ({type(exc).__name__}: {exc})"
+        ) from None

@@ -93,7 +93,9 @@ def _scalar(v: Any) -> Any:
 class WandbSink:
     """Mirrors one run into W&B. Every public method is safe to call in any state."""
 
-    def __init__(self, init_timeout_s: float = INIT_TIMEOUT_S, settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, init_timeout_s: float = INIT_TIMEOUT_S, settings: dict[str, Any] | None = None
+    ) -> None:
         self.run: Any = None
         self.info: dict[str, Any] | None = None  # goes into summary.json as "wandb"
         self._init_timeout_s = init_timeout_s
@@ -103,16 +105,33 @@ class WandbSink:
     # -- lifecycle ----------------------------------------------------------------
 
     def start(
-        self, run_dir: Path, config: dict[str, Any], env: dict[str, Any], mode: str, project: str,
-        group: str, job_type: str, name: str, run_id: str, resume: bool = False,
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        env: dict[str, Any],
+        mode: str,
+        project: str,
+        group: str,
+        job_type: str,
+        name: str,
+        run_id: str,
+        resume: bool = False,
     ) -> None:
         """Open (or resume) the W&B run of ``run_id``; on any failure warn once and go on."""
         global _online_failed
         wanted = resolve_mode(mode)
         wandb_dir = Path(run_dir) / "wandb"
-        self.info = None if wanted == "off" else {
-            "mode": wanted, "dir": str(wandb_dir), "run_id": run_id, "sync_command": None, "error": None,
-        }
+        self.info = (
+            None
+            if wanted == "off"
+            else {
+                "mode": wanted,
+                "dir": str(wandb_dir),
+                "run_id": run_id,
+                "sync_command": None,
+                "error": None,
+            }
+        )
         if wanted == "off":
             return
         try:
@@ -121,8 +140,14 @@ class WandbSink:
             self._fail(f"wandb cannot be imported ({exc}); W&B logging is off")
             return
         kwargs: dict[str, Any] = dict(
-            dir=str(run_dir), project=project, group=group, job_type=job_type, name=name,
-            id=run_id, resume="allow", config={**config, "env": env, "resumed": bool(resume)},
+            dir=str(run_dir),
+            project=project,
+            group=group,
+            job_type=job_type,
+            name=name,
+            id=run_id,
+            resume="allow",
+            config={**config, "env": env, "resumed": bool(resume)},
         )
         if os.environ.get("WANDB_SWEEP_ID"):
             kwargs.pop("id")  # the sweep agent names the run (WANDB_RUN_ID)
@@ -135,14 +160,18 @@ class WandbSink:
                 self._fail(f"init failed ({type(exc).__name__}: {exc}); W&B logging is off")
                 return
             _online_failed = True
-            _warn(f"online init failed ({type(exc).__name__}: {exc}); logging offline instead, "
-                  f"`wandb sync` later")
+            _warn(
+                f"online init failed ({type(exc).__name__}: {exc}); logging offline instead, "
+                f"`wandb sync` later"
+            )
             self._teardown(wandb)
             try:
                 self.run = wandb.init(mode="offline", settings=self._settings(wandb), **kwargs)
             except Exception as exc2:
                 self.run = None
-                self._fail(f"offline init failed too ({type(exc2).__name__}: {exc2}); W&B logging is off")
+                self._fail(
+                    f"offline init failed too ({type(exc2).__name__}: {exc2}); W&B logging is off"
+                )
                 return
             self.info["mode"] = "offline"
         self._after_init()
@@ -152,8 +181,12 @@ class WandbSink:
         # env.json and peak_memory_mb record the machine), no console capture (the
         # console has its own progress lines), no pip freeze per run.
         opts: dict[str, Any] = dict(
-            x_disable_stats=True, console="off", silent=True, x_save_requirements=False,
-            disable_code=True, init_timeout=self._init_timeout_s,
+            x_disable_stats=True,
+            console="off",
+            silent=True,
+            x_save_requirements=False,
+            disable_code=True,
+            init_timeout=self._init_timeout_s,
         )
         opts.update(self._extra_settings)
         return wandb.Settings(**opts)
@@ -207,7 +240,11 @@ class WandbSink:
         statistics appear only on the epochs that measured them."""
         if self.run is None:
             return
-        data = {k: _scalar(v) for k, v in row.items() if v is not None and not isinstance(v, (dict, list, str))}
+        data = {
+            k: _scalar(v)
+            for k, v in row.items()
+            if v is not None and not isinstance(v, (dict, list, str))
+        }
         for prefix in ALT_X:
             for m in ALT_X_METRICS:
                 if m in data:
