@@ -268,5 +268,55 @@ def suites(pattern: str | None, as_json: bool) -> None:
             click.echo("    defaults: " + " ".join(f"{k}={v}" for k, v in s["defaults"].items()))
 
 
+# ------------------------------------------------------------ regression checks (CI)
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option("--suite", default=None, help="Compare only this suite (default: every suite in both).")
+@click.option("--fail-on", default="time:5%,acc:0.5", show_default=True, metavar="METRIC:LIMIT,...",
+              help="time:X% (training time, time to target), acc:X (final accuracy drop, points), steps:X%, samples:X%.")
+def compare(base: Path, new: Path, suite: str | None, fail_on: str) -> None:
+    """Compare two result sets of a suite; exit 1 naming each regression, 0 if none.
+
+    \b
+    Example (a CI job):
+      divebench compare results-main results-branch --suite mnist1d --fail-on time:5%,acc:0.5
+    """
+    from divebench.compare import CompareError, compare_results, format_report
+
+    try:
+        report = compare_results(base, new, suite, fail_on)
+    except CompareError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(format_report(report))
+    sys.exit(1 if report.regressions else 0)
+
+
+def bench_dir() -> Path:
+    """bench/ of the source checkout this package was imported from."""
+    return Path(__file__).resolve().parent.parent / "bench"
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--update-golden", is_flag=True, help="Rewrite bench/golden/*.json from this code.")
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+def bench(update_golden: bool, pytest_args: tuple[str, ...]) -> None:
+    """Run the regression benchmarks: same-run ratio gates and golden results.
+
+    Needs a source checkout (pip install -e .); extra arguments go to pytest.
+    """
+    import subprocess
+
+    folder = bench_dir()
+    if not (folder / "conftest.py").is_file():
+        raise UserError(f"no bench/ folder at {folder}: the benchmarks ship with the source checkout (git clone, then pip install -e .)")
+    cmd = [sys.executable, "-m", "pytest", str(folder), "-p", "no:cacheprovider", *pytest_args]
+    if update_golden:
+        cmd.append("--update-golden")
+    sys.exit(subprocess.call(cmd, cwd=folder.parent))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
