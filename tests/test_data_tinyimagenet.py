@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import threading
+import zipfile
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +153,45 @@ def test_missing_tree_gives_one_line_with_the_way_out(tmp_path: Path) -> None:
     assert "\n" not in msg
     assert f"Tiny-ImageNet files not found under {tmp_path / 'none'}" in msg
     assert "tiny-imagenet-200/wnids.txt" in msg and "download=true" in msg
+
+
+@pytest.fixture
+def local_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTP server on 127.0.0.1 serving a temporary folder: (base URL, folder)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", folder
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_fetches_checks_and_extracts_the_zip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_server: tuple[str, Path]
+) -> None:
+    # the official archive's layout, served over loopback HTTP: torchvision's real
+    # download, md5 check and extraction run, without a network
+    base_url, served = local_server
+    _write_tree(tmp_path / "src")
+    archive = served / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((tmp_path / "src").rglob("*")):
+            zf.write(f, f.relative_to(tmp_path / "src").as_posix())
+    monkeypatch.setattr(T, "URL", f"{base_url}/tiny-imagenet-200.zip")
+    monkeypatch.setattr(T, "ARCHIVE_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    b = T.build_tinyimagenet(_opts(tmp_path / "data", download=True, preset="native"), CPU, 0)
+    assert b.train_size == 9 and (tmp_path / "data" / "tiny-imagenet-200" / T.CACHE_NAME).is_file()
+    # a wrong checksum is refused in one line
+    monkeypatch.setattr(T, "ARCHIVE_MD5", "0" * 32)
+    with pytest.raises(DataError, match="could not download Tiny-ImageNet") as err:
+        T.build_tinyimagenet(_opts(tmp_path / "other", download=True), CPU, 0)
+    assert "\n" not in str(err.value)
 
 
 def test_annotation_problems_are_named(tmp_path: Path) -> None:

@@ -158,7 +158,8 @@ def load_cifar(
         ) from e
     out = []
     for split, ds in (("train", train), ("test", test)):
-        x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        # ds.data is an NHWC view of the files' NCHW array: permuting back costs no copy
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         y = torch.as_tensor(ds.targets, dtype=torch.int64)
         if x.dtype != torch.uint8 or x.shape[1:] != SHAPE or y.shape[0] != x.shape[0]:
             raise DataError(
@@ -176,7 +177,7 @@ def load_cifar(
 
 def _downloader(spec: CifarSpec, root: Path) -> CIFAR10:
     """A dataset instance that only carries ``root``, for calling torchvision's download()."""
-    ds = spec.dataset_cls.__new__(spec.dataset_cls)
+    ds = object.__new__(spec.dataset_cls)
     ds.root = str(root)
     return ds
 

@@ -190,7 +190,8 @@ def load_tinyimagenet(
                 f"or set data_dir=PATH / DIVEBENCH_DATA"
             )
         try:
-            download_and_extract_archive(URL, str(root), md5=ARCHIVE_MD5)
+            # the archive (about 240 MB) goes once extracted: the tree and the cache suffice
+            download_and_extract_archive(URL, str(root), md5=ARCHIVE_MD5, remove_finished=True)
         except (URLError, OSError, RuntimeError) as e:
             raise DataError(f"could not download Tiny-ImageNet from {URL}: {e}") from e
     wnids, train_paths, train_labels, val_paths, val_labels = _index(folder)
