@@ -21,9 +21,10 @@ Presets (``preset=``):
 - ``paper`` (the default, ``preset=""``): the authors' recipe. Training
   ``RandomResizedCrop(224)`` + h-flip; evaluation ``Resize(256)`` + ``CenterCrop(224)``;
   the model builder ``resnet18`` gives a 1000-way head (the authors kept torchvision's
-  ImageNet head; labels use the first 200 outputs). Costs what ImageNet-size inputs cost:
-  sane on a GPU (one H100-class GPU runs an epoch in well under a minute), far too slow on
-  a CPU outside smoke runs with a small ``subset``.
+  ImageNet head; labels use the first 200 outputs). Costs what ImageNet-size inputs
+  cost: about 5.5e14 floating-point operations per epoch (ResNet-18 at 224 px, forward
+  and backward, 100,000 images; an estimate, not a measurement), so sane on a GPU and
+  far too slow on a CPU outside smoke runs with a small ``subset``.
 - ``native``: 64 px throughout. Training ``RandomResizedCrop(64)`` + h-flip; evaluation
   normalises only; a 200-way head. About 12x cheaper per image.
 """
