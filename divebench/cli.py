@@ -183,7 +183,7 @@ def _final_report(cfgs: list[Any], quiet: bool) -> None:
         runs = scoring.load_runs(dirs, c.suite.name)
         score = scoring.score_suite(runs, c["baseline"] or None, c["target_accuracy"] or None)
         click.echo(f"\n== {c.suite.name} ==")
-        click.echo(scoring.format_table(score) if hasattr(scoring, "format_table") else _format(score))
+        click.echo(_format(score))
     out = dirs[0] / "report"
     path = write_report(dirs, out, None if len(cfgs) > 1 else cfgs[0].suite.name)
     click.echo(f"\nreport: {path}")
@@ -193,6 +193,89 @@ def _format(score: Any) -> str:
     from divebench.report import format_table
 
     return str(format_table(score))
+
+
+# ------------------------------------------------------------------------ report, sweep
+
+
+@main.command()
+@click.argument("settings", nargs=-1)
+@click.option("--wandb", "to_wandb", is_flag=True, help="Also build a W&B Report (needs W&B online and synced runs).")
+def report(settings: tuple[str, ...], to_wandb: bool) -> None:
+    """Write the Markdown/HTML/PNG report of result folders.
+
+    \b
+    divebench report [suite=NAME] [results_dir=PATH[,PATH...]] [out=PATH] [--wandb]
+    Several results_dir paths (e.g. the folders of --shard slices) are merged.
+    """
+    from divebench import scoring
+    from divebench.config import ConfigError, parse_overrides, suggest
+    from divebench.report import write_report
+
+    with as_user_errors():
+        opts = parse_overrides(settings)
+        allowed = {"suite", "results_dir", "out", "project", "entity"}
+        for k in opts:
+            if k not in allowed:
+                raise ConfigError(f"unknown key '{k}' for report{suggest(k, allowed)} (keys: {', '.join(sorted(allowed))})")
+        dirs = [Path(d) for d in opts.get("results_dir", "results").split(",") if d]
+        for d in dirs:
+            if not d.is_dir():
+                raise ConfigError(f"results_dir={d} does not exist; point results_dir= at the folder divebench run wrote")
+        suite = opts.get("suite") or None
+        runs = scoring.load_runs(dirs, suite)
+        if not runs:
+            where = f" of suite {suite}" if suite else ""
+            raise ConfigError(f"no runs{where} under {', '.join(map(str, dirs))}; run divebench run first")
+        out = Path(opts.get("out") or dirs[0] / "report")
+        path = write_report(dirs, out, suite)
+        for name, score in scoring.score_all(runs).items():
+            click.echo(f"\n== {name} ==")
+            click.echo(_format(score))
+        click.echo(f"\nreport: {path}")
+        if to_wandb:
+            from divebench.report.wandb_report import ReportError, publish_report
+
+            for name in sorted({r.suite for r in runs}):
+                entries = sorted({r.entry for r in runs if r.suite == name})
+                try:
+                    url = publish_report(name, entries, opts.get("project", "divebench"), opts.get("entity"), runs=runs)
+                except ReportError as exc:
+                    raise ConfigError(str(exc)) from None
+                click.echo(f"W&B report ({name}): {url}")
+
+
+@main.command()
+@click.argument("settings", nargs=-1)
+@click.option("--wandb", "as_wandb", is_flag=True, default=True, help="Write a W&B sweep file (the only format for now).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the YAML here instead of stdout.")
+def sweep(settings: tuple[str, ...], as_wandb: bool, out: Path | None) -> None:
+    """Write a W&B sweep file over a suite's policies, seeds and grid keys.
+
+    \b
+    divebench sweep suite=mnist1d policy=sgd-small,divebatch seeds=0,1,2 divebatch.delta=0.05,0.1,0.2
+    then: wandb sweep FILE; wandb agent ID. Each agent run is `divebench run key=value ...`.
+    Without W&B: divebench run ... --shard i/n splits the same matrix across machines.
+    """
+    from divebench.config import parse_overrides, resolve
+    from divebench.sweep import sweep_yaml
+
+    reg = registry()
+    with as_user_errors():
+        opts = parse_overrides(settings)
+        grid = {k: v.split(",") for k, v in opts.items() if k not in ("suite", "policy", "seeds", "wandb_project")}
+        # every grid value must resolve: check each key with its first value
+        probe = {k: v for k, v in opts.items() if k in ("suite", "policy", "seeds")}
+        for k, vals in grid.items():
+            for val in vals:
+                resolve(probe | {k: val}, reg)
+        cfg = resolve(probe, reg)
+        text = sweep_yaml(cfg.suite.name, [e.name for e in cfg.entries], cfg["seeds"], grid, opts.get("wandb_project", cfg["wandb_project"]))
+    if out:
+        out.write_text(text)
+        click.echo(f"sweep file: {out} (wandb sweep {out})")
+    else:
+        click.echo(text, nl=False)
 
 
 # ------------------------------------------------------------------- registry listings
