@@ -121,3 +121,48 @@ def test_listings() -> None:
     assert {"synthetic", "mnist1d"} <= {s["name"] for s in suites}
     plugins = json.loads(run_cli("plugins", "--json").output)
     assert plugins[0]["name"] == "builtin" and plugins[0]["status"] == "loaded"
+
+
+def test_missing_data_dir_is_one_line(tmp_path) -> None:
+    res = run_cli("run", "suite=cifar10", f"data_dir={tmp_path / 'nowhere'}", "epochs=1", "seeds=1",
+                  f"results_dir={tmp_path / 'r'}", "wandb=off", "-q")
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert "not found" in res.output and "download=true" in res.output
+    assert not (tmp_path / "r" / "cifar10").exists()
+
+
+def test_corrupt_dataset_file_is_named(tmp_path) -> None:
+    root = tmp_path / "data" / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                 "test_batch", "batches.meta"]:
+        (root / name).write_bytes(b"\x80\x04garbage")
+    res = run_cli("run", "suite=cifar10", f"data_dir={tmp_path / 'data'}", "epochs=1", "seeds=1",
+                  f"results_dir={tmp_path / 'r'}", "wandb=off", "-q")
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert "data_batch_1" in res.output or "test_batch" in res.output or "batches.meta" in res.output
+    assert not (tmp_path / "r" / "cifar10").exists()
+
+
+def test_malformed_suite_yaml_through_cli(tmp_path, monkeypatch) -> None:
+    """A plugin shipping a broken suite file: strict mode stops with one line naming it."""
+    import sys
+    import textwrap
+
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: broken\ndefaults: {epochs: [1, 2\n")
+    dist = tmp_path / "suiteplug-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: suiteplug\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[divebench]\nsuiteplug = suiteplug_mod\n")
+    (tmp_path / "suiteplug_mod.py").write_text(textwrap.dedent(f"""
+        from divebench.hookspecs import hookimpl
+        @hookimpl
+        def divebench_suites():
+            return [{str(bad)!r}]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("suiteplug_mod", None)
+    res = run_cli("run", "suite=broken", f"results_dir={tmp_path / 'r'}", "-q")
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert "broken.yaml line 3 is not valid YAML" in res.output and "suiteplug" in res.output
