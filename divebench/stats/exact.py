@@ -1,0 +1,630 @@
+"""Exact per-sample squared gradient norms through Opacus, with one ordinary backward.
+
+The model is wrapped in :class:`GhostNormModule`, a subclass of Opacus'
+``GradSampleModuleFastGradientClipping`` (ghost norms, ``loss_reduction="mean"``,
+``strict=False``), used *without* ``PrivacyEngine``: no clipping, no noise, no second
+backward. During the loop's own ``(loss * m / B).backward()`` the hooks compute, layer
+by layer, the per-sample gradient norms of that micro-batch:
+
+- ``nn.Linear`` (and ``nn.Embedding``): Opacus' ghost norms, ||g_i||² = ||δ_i||²·||a_i||²
+  for 2-D inputs, without ever forming g_i;
+- ``nn.Conv1d``/``nn.Conv2d``: divebench's norm sampler (:func:`conv_norm_sample`):
+  per-sample weight gradients (or their Gram form) from a strided view of the padded
+  input, a bounded chunk of samples at a time, reduced to norms and dropped. Opacus'
+  own conv sampler goes through ``F.unfold``, whose CPU kernel loops over samples:
+  with it a measured MNIST-1D CNN epoch took 3-5× a plain one;
+- BatchNorm (:mod:`divebench.stats.bn`), GroupNorm, LayerNorm and every other layer
+  with a grad sampler registered with Opacus: that sampler's per-sample gradients,
+  reduced to norms at once (:func:`norms_from_grad_sampler`);
+- layers without a sampler: Opacus' torch.func fallback (``strict=False``).
+
+The table lives on the module instance, so Opacus' process-wide registries are left
+alone (except for the BatchNorm grad sampler, which :mod:`divebench.stats.bn`
+registers with Opacus on purpose).
+
+``p.grad`` is the ordinary autograd gradient: the hooks only read layer inputs and
+output gradients (a test checks bitwise equality with plain training). The squared
+norms are summed in float64 into Q = Σ_i ||g_i||²; the gradient sum S = Σ_t B_t·ḡ_t
+is accumulated in float64 from ``p.grad`` after each logical batch (a ragged last
+batch enters with its true size); Δ̂ = Q / ||S||² and n·Δ̂ with n the number of
+samples the epoch saw.
+
+Loss scaling: the loop multiplies a micro-batch's mean loss by ``loss_scale = m/B``.
+The hooks see output gradients of (loss_scale/m)·Σ_i loss_i, so their norms are
+(loss_scale/m)·||g_i||; the provider multiplies the micro-batch's sum of squares by
+(m/loss_scale)² once (Opacus would instead multiply every output gradient by m).
+
+Hooks: Opacus' stock plumbing uses full module backward hooks, which forbid in-place
+operations on a hooked layer's output (torchvision's ResNet does ``relu_`` and
+``out += identity`` on BatchNorm outputs). Here a forward hook puts a tensor hook on
+the layer's output, closing over the detached input; the tensor hook runs the layer's
+sampler. On epochs that measure nothing the forward hooks are removed altogether
+(nothing per-sample runs or is kept) and re-attached when a measured epoch starts; the
+wrapper itself stays in place. A layer applied twice per forward (weight tying) or
+run in eval mode during a measured epoch is refused with an error naming it.
+
+State dict: the wrapper holds the model as ``_module``, so ``wrapped.state_dict()``
+keys carry a ``_module.`` prefix. Save and load ``unwrap(wrapped).state_dict()``
+(:func:`unwrap`) to keep checkpoints interchangeable with an unwrapped model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
+from opacus.utils.module_utils import trainable_modules
+from torch import nn
+
+from divebench.policy import GradStats
+from divebench.stats import bn as bn_sampler  # registers the BatchNorm grad sampler
+
+_HUGE_NORM = 1e30  # ghost clipping's threshold; never reached, we never clip
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The user's model inside a provider's wrapper (the module itself if unwrapped)."""
+    while isinstance(module, GradSampleModuleFastGradientClipping):
+        module = module._module
+    return module
+
+
+def make_grad_stats(
+    sum_sq_norms: float, grad_sum_sq_norm: float, n_samples: int, estimator: str, time_s: float
+) -> GradStats:
+    """Build :class:`GradStats`; Δ̂ = Q/||S||² (inf when ||S||² = 0 < Q, NaN when both 0)."""
+    if grad_sum_sq_norm > 0:
+        diversity = sum_sq_norms / grad_sum_sq_norm
+    elif sum_sq_norms > 0:
+        diversity = math.inf
+    else:
+        diversity = math.nan
+    return GradStats(
+        sum_sq_norms=float(sum_sq_norms),
+        grad_sum_sq_norm=float(grad_sum_sq_norm),
+        n_samples=int(n_samples),
+        diversity=float(diversity),
+        n_diversity=float(n_samples * diversity),
+        estimator=estimator,
+        time_s=float(time_s),
+    )
+
+
+class GradientSum:
+    """S = Σ_t B_t·ḡ_t over an epoch, one float64 tensor per parameter (lazily allocated)."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] | None = None
+
+    def add(self, params: list[nn.Parameter], batch_size: int) -> None:
+        """Add ``batch_size · p.grad`` (p.grad holds the batch's mean gradient)."""
+        if self.sums is None:
+            self.sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        pairs = [(s, p.grad) for s, p in zip(self.sums, params, strict=True) if p.grad is not None]
+        if pairs:
+            sums, grads = zip(*pairs, strict=True)
+            torch._foreach_add_(list(sums), list(grads), alpha=float(batch_size))
+
+    def sq_norm(self) -> torch.Tensor:
+        """||S||² as a float64 scalar tensor."""
+        if not self.sums:
+            return torch.zeros((), dtype=torch.float64)
+        return sq_norm_sum(self.sums)
+
+    def state(self) -> list[torch.Tensor] | None:
+        return None if self.sums is None else [s.detach().cpu().clone() for s in self.sums]
+
+    def load(self, sums: list[torch.Tensor] | None, params: list[nn.Parameter]) -> None:
+        self.sums = (
+            None
+            if sums is None
+            else [
+                s.to(device=p.device, dtype=torch.float64).clone()
+                for s, p in zip(sums, params, strict=True)
+            ]
+        )
+
+
+def sq_norm_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ over tensors of their squared L2 norms, reduced in float64.
+
+    Float32 ``vector_norm`` over tens of millions of elements drifts by percents on CPU
+    (torch 2.14); asking for a float64 reduction avoids it at no extra allocation.
+    """
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+    stacked = torch.stack(norms)
+    return torch.dot(stacked, stacked)
+
+
+_CHUNK_ELEMENTS = 1 << 24  # per-sample work in chunks of at most 16M elements (64 MB fp32)
+
+NormSampler = Callable[
+    [nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]
+]
+
+
+def _padded(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    pad = layer._reversed_padding_repeated_twice
+    if not any(pad):
+        return x
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return F.pad(x, pad, mode=mode)
+
+
+def _patches(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Input patches as a strided view (n, C, *positions, *kernel); copies only to pad."""
+    spatial = x.dim() - 2
+    win = _padded(layer, x)
+    for i in range(spatial):
+        k, st, d = layer.kernel_size[i], layer.stride[i], layer.dilation[i]
+        win = win.unfold(2 + i, d * (k - 1) + 1, st)
+    if any(d > 1 for d in layer.dilation):
+        win = win[
+            (slice(None),) * (2 + spatial) + tuple(slice(None, None, d) for d in layer.dilation)
+        ]
+    return win
+
+
+def _patch_rows(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Patches as a contiguous (n·G, Q, Cg·K): one row per output position.
+
+    Contiguous on purpose: CPU ``bmm`` falls back to cloning every sample's matrix
+    when handed the overlapping strided view (measured 5× slower).
+    """
+    n, spatial = x.shape[0], x.dim() - 2
+    win = _patches(layer, x)
+    q = math.prod(win.shape[2 : 2 + spatial])
+    order = [0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial)]
+    rows = win.permute(order).reshape(n, q, layer.groups, -1)
+    return rows.transpose(1, 2).contiguous().reshape(n * layer.groups, q, -1)
+
+
+def _patch_cols(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Patches as a contiguous (n·G, Cg·K, Q): one column per output position."""
+    n, spatial = x.shape[0], x.dim() - 2
+    win = _patches(layer, x)
+    q = math.prod(win.shape[2 : 2 + spatial])
+    order = [0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial)]
+    return win.permute(order).contiguous().reshape(n * layer.groups, -1, q)
+
+
+def _out_grads(layer: nn.Conv1d | nn.Conv2d, b: torch.Tensor) -> torch.Tensor:
+    """Output gradients as a contiguous (n·G, Og, Q)."""
+    return b.contiguous().reshape(b.shape[0] * layer.groups, layer.out_channels // layer.groups, -1)
+
+
+def _norms_matmul_rows(
+    layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """g_i = δ_i (O×Q) · patches_i (Q×CK), one batched matmul; norms of g_i."""
+    grad = torch.bmm(_out_grads(layer, b), _patch_rows(layer, x))
+    return torch.linalg.vector_norm(grad.reshape(x.shape[0], -1), dim=1)
+
+
+def _norms_matmul_cols(
+    layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """g_iᵀ = patches_iᵀ (CK×Q) · δ_iᵀ (Q×O), the other memory layout of the same product."""
+    grad = torch.bmm(_patch_cols(layer, x), _out_grads(layer, b).transpose(1, 2))
+    return torch.linalg.vector_norm(grad.reshape(x.shape[0], -1), dim=1)
+
+
+def _norms_ghost(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||g_i||² = <δ_iᵀδ_i, P_iP_iᵀ> over positions (ghost norm): cheap when Q is small."""
+    rows = _patch_rows(layer, x)  # (nG, Q, CK)
+    d = _out_grads(layer, b)  # (nG, O, Q)
+    gram_a = torch.bmm(rows, rows.transpose(1, 2))
+    gram_b = torch.bmm(d.transpose(1, 2), d)
+    sq = (gram_a * gram_b).reshape(x.shape[0], -1).sum(dim=1)
+    return sq.clamp(min=0).sqrt()
+
+
+def _norms_grouped(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """g_i from one weight-gradient convolution with a group per sample."""
+    n, groups = x.shape[0], layer.groups
+    zero_pad = layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+    xin = x if zero_pad else _padded(layer, x)
+    padding = list(layer.padding) if zero_pad else [0] * (x.dim() - 2)
+    shape = (n * layer.out_channels, layer.in_channels // groups, *layer.kernel_size)
+    weight = x.new_empty(1).expand(shape)  # only its shape is read
+    grad = torch.ops.aten.convolution_backward(
+        b.reshape(1, -1, *b.shape[2:]),
+        xin.reshape(1, -1, *xin.shape[2:]),
+        weight,
+        None,
+        list(layer.stride),
+        padding,
+        list(layer.dilation),
+        False,
+        [0] * (x.dim() - 2),
+        n * groups,
+        [False, True, False],
+    )[1]
+    return torch.linalg.vector_norm(grad.reshape(n, -1), dim=1)
+
+
+_CONV_STRATEGIES = {
+    "matmul_rows": _norms_matmul_rows,
+    "matmul_cols": _norms_matmul_cols,
+    "ghost": _norms_ghost,
+    "grouped": _norms_grouped,
+}
+_CHOICE_ATTR = "_divebench_conv_strategy"  # per-layer cache: shape key -> strategy name
+
+
+def _time_once(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _conv_strategy(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, b: torch.Tensor) -> str:
+    """The fastest strategy for this layer and chunk shape, timed once per shape.
+
+    None wins everywhere (CPU small-matrix batched matmuls loop over samples, oneDNN's
+    grouped convolution does not). On 1 CPU core at batch 512, MNIST-1D CNN layers
+    took 0.49/1.14/0.55 ms with the best strategy and 1.26/1.84/1.53 ms with the worst;
+    a 32->64-channel 16x16 conv at batch 128 took 58 ms by one matmul layout and 20 ms
+    grouped. All give the same norms up to float rounding. The choice is cached on the
+    layer (a plain attribute, never in the state dict).
+    """
+    cache: dict[tuple[Any, ...], str] | None = layer.__dict__.get(_CHOICE_ATTR)
+    if cache is None:
+        cache = {}
+        object.__setattr__(layer, _CHOICE_ATTR, cache)
+    key = (x.shape, b.shape, x.dtype, x.device)
+    choice = cache.get(key)
+    if choice is None:
+        best = math.inf
+        for name, fn in _CONV_STRATEGIES.items():
+            # The first call pays allocations and kernel selection; a strategy whose
+            # first call is already far behind the best is not timed again.
+            elapsed = _time_once(partial(fn, layer, x, b), x.device)
+            if elapsed < 4 * best:
+                elapsed = min(elapsed, _time_once(partial(fn, layer, x, b), x.device))
+            if elapsed < best:
+                best, choice = elapsed, name
+        assert choice is not None
+        cache[key] = choice
+    return choice
+
+
+def conv_norm_sample(
+    layer: nn.Conv1d | nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of a Conv1d/Conv2d layer (Opacus norm-sampler signature).
+
+    g_i(W)[o, c, κ] = Σ_q δ_i[o, q] · patch_i[c, q, κ] per group, for a bounded chunk of
+    samples at a time, by whichever of four strategies was fastest for this shape
+    (batched matmul in two layouts over a strided view of the padded input, ghost
+    norms from two Gram matrices, a weight-gradient convolution with one group per
+    sample); only the norms are kept.
+    """
+    x = activations[0]
+    if x.dtype != backprops.dtype:
+        x = x.to(backprops.dtype)
+    n = x.shape[0]
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        per_sample = max(1, x[0].numel() * math.prod(layer.kernel_size))
+        chunk = max(1, _CHUNK_ELEMENTS // per_sample)
+        if chunk >= n:
+            out[layer.weight] = _CONV_STRATEGIES[_conv_strategy(layer, x, backprops)](
+                layer, x, backprops
+            )
+        else:
+            norms = torch.empty(n, dtype=backprops.dtype, device=backprops.device)
+            for start in range(0, n, chunk):
+                xs, bs = x[start : start + chunk], backprops[start : start + chunk]
+                strategy = _CONV_STRATEGIES[_conv_strategy(layer, xs, bs)]
+                norms[start : start + chunk] = strategy(layer, xs, bs)
+            out[layer.weight] = norms
+    if layer.bias is not None and layer.bias.requires_grad:
+        bias_grad = backprops.sum(dim=tuple(range(2, backprops.dim())))
+        out[layer.bias] = torch.linalg.vector_norm(bias_grad, dim=1)
+    return out
+
+
+def norms_from_grad_sampler(grad_sampler: NormSampler) -> NormSampler:
+    """A norm sampler that takes a grad sampler's per-sample gradients to norms at once."""
+
+    def norm_sampler(
+        layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        grads = grad_sampler(layer, activations, backprops)
+        return {p: g.reshape(g.shape[0], -1).norm(dim=1) for p, g in grads.items()}
+
+    return norm_sampler
+
+
+class GhostNormModule(GradSampleModuleFastGradientClipping):
+    """Opacus' ghost-norm module, with lean forward + tensor hooks of divebench's own.
+
+    The per-layer mathematics is Opacus': its ghost norm samplers (Linear, Embedding),
+    its grad samplers (GroupNorm, LayerNorm, ..., and the BatchNorm sampler that
+    :mod:`divebench.stats.bn` registers with it) and its torch.func fallback, fed the
+    layer input and the output gradient scaled as Opacus scales a mean-reduced loss
+    (× the number of samples the layer saw); plus divebench's conv norm sampler.
+    What differs is the plumbing: Opacus' full module backward hooks forbid in-place
+    operations on a hooked layer's output (torchvision's ResNet does ``relu_`` and
+    ``out += identity`` on BatchNorm outputs), and its capture hooks cost about 0.3 ms
+    per step of Python on a 4-layer CNN. Here a forward hook puts a tensor hook on the
+    layer's output, closing over the detached input; the tensor hook computes the
+    layer's per-sample norms and appends them to :attr:`pending_norms`.
+    """
+
+    def add_hooks(
+        self,
+        *,
+        loss_reduction: str = "mean",
+        batch_first: bool = True,
+        force_functorch: bool = False,
+    ) -> None:
+        # Called once by Opacus' constructor, which then sets hooks_enabled.
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        if loss_reduction != "mean" or not batch_first:
+            raise ValueError("GhostNormModule supports loss_reduction='mean', batch_first=True")
+        self._module.autograd_grad_sample_hooks = []
+        self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+        self.hook_time_s = 0.0
+        self.eval_mode_layers: set[str] = set()
+        self.pending_norms: list[torch.Tensor] = []
+        self.batch_sizes_seen: set[int] = set()
+        self._calls: dict[nn.Module, int] = {}
+        # Samplers per layer type, resolved now from Opacus' registries: its norm
+        # samplers first, then its grad samplers reduced to norms, then ours for conv.
+        table: dict[type, NormSampler] = {
+            t: norms_from_grad_sampler(f) for t, f in self.GRAD_SAMPLERS.items()
+        }
+        table.update(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
+        table[nn.Conv1d] = conv_norm_sample
+        table[nn.Conv2d] = conv_norm_sample
+        self.NORM_SAMPLERS = table
+        fallback = norms_from_grad_sampler(ft_compute_per_sample_gradient)
+        self._hooked: list[tuple[str, nn.Module, NormSampler]] = []
+        names = {id(m): name for name, m in self._module.named_modules()}
+        for module in self.iterate_submodules(self._module):
+            if force_functorch or type(module) not in self.GRAD_SAMPLERS:
+                prepare_layer(module, batch_first=batch_first)
+                sampler = fallback
+            else:
+                sampler = table.get(type(module), fallback)
+            name = names.get(id(module), type(module).__name__)
+            self._hooked.append((name, module, sampler))
+        self.attach_hooks()
+
+    def attach_hooks(self) -> None:
+        """Register the forward hooks (no-op if attached)."""
+        if self.autograd_grad_sample_hooks:
+            return
+        for name, module, sampler in self._hooked:
+            self.autograd_grad_sample_hooks.append(
+                module.register_forward_hook(partial(self._forward_hook, name, sampler))
+            )
+
+    def detach_hooks(self) -> None:
+        """Remove the forward hooks: the model then runs exactly as unwrapped."""
+        while self.autograd_grad_sample_hooks:
+            self.autograd_grad_sample_hooks.pop().remove()
+
+    @property
+    def hooks_attached(self) -> bool:
+        return bool(self.autograd_grad_sample_hooks)
+
+    def remove_hooks(self) -> None:
+        self.disable_hooks()
+        self.detach_hooks()
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            delattr(self._module, "autograd_grad_sample_hooks")
+        for _name, module in trainable_modules(self._module):
+            if hasattr(module, "ft_compute_sample_grad"):
+                delattr(module, "ft_compute_sample_grad")
+
+    def take_pending(self) -> list[torch.Tensor]:
+        """The per-sample norm vectors since the last call (one per parameter and use)."""
+        norms, self.pending_norms = self.pending_norms, []
+        self._calls.clear()
+        self.batch_sizes_seen.clear()
+        return norms
+
+    def _forward_hook(
+        self, name: str, sampler: NormSampler, module: nn.Module, inputs: Any, output: Any
+    ) -> None:
+        if not self.hooks_enabled or not torch.is_grad_enabled():
+            return
+        if not module.training:
+            # Its parameters would get gradients but no per-sample norms; the
+            # provider refuses such an epoch (Opacus skips eval-mode layers too).
+            self.eval_mode_layers.add(name)
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if isinstance(output, torch.Tensor):
+                return  # no gradient will flow through this call
+            raise NotImplementedError(
+                f"layer {name} ({type(module).__name__}) returns {type(output).__name__}; "
+                "per-sample norms need layers that return one tensor"
+            )
+        calls = self._calls.get(module, 0) + 1
+        if calls > 1:
+            # Two uses sum into one per-sample gradient; norms per use cannot be added.
+            raise NotImplementedError(
+                f"layer {name} is applied more than once per forward (weight tying); "
+                "exact per-sample norms need one application per layer"
+            )
+        self._calls[module] = calls
+        x = inputs[0].detach()
+        output.register_hook(partial(self._output_grad_hook, sampler, module, x))
+
+    def _output_grad_hook(
+        self, sampler: NormSampler, module: nn.Module, x: torch.Tensor, grad: torch.Tensor
+    ) -> None:
+        start = time.perf_counter()
+        # Unscaled output gradient: Opacus would multiply it by the samples the layer saw
+        # (mean-reduced loss); norms are linear in it, so the provider applies that
+        # factor once per micro-batch instead (see ExactProvider.after_micro_backward).
+        norms = sampler(module, [x], grad)
+        self.pending_norms.extend(ns for p, ns in norms.items() if p.requires_grad)
+        self.batch_sizes_seen.add(x.shape[0])
+        self.hook_time_s += time.perf_counter() - start
+
+
+class ExactProvider:
+    """``estimator=exact``: Σ_i ||g_i||² from Opacus per-sample norms (see module doc).
+
+    Args:
+        bn: BatchNorm definition, ``contribution`` (default) or ``paper``
+            (:mod:`divebench.stats.bn`).
+    """
+
+    name = "exact"
+
+    def __init__(self, bn: str = "contribution") -> None:
+        if bn not in bn_sampler.BN_MODES:
+            raise ValueError(
+                f"bn={bn!r} is not a BatchNorm mode; expected one of {bn_sampler.BN_MODES}"
+            )
+        self.bn = bn
+        self._module: GhostNormModule | None = None
+        self._params: list[nn.Parameter] = []
+        self._measure = False
+        self._reset()
+
+    # -- the StatsProvider protocol ---------------------------------------------------
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Wrap ``model`` in the ghost-norm module (hooks off until a measured epoch)."""
+        if self._module is not None:
+            raise RuntimeError("ExactProvider.wrap was already called; one provider per run")
+        bn_sampler.set_bn_mode(model, self.bn)
+        module = GhostNormModule(
+            model,
+            batch_first=True,
+            loss_reduction="mean",
+            strict=False,
+            max_grad_norm=_HUGE_NORM,
+            use_ghost_clipping=True,
+        )
+        module.disable_hooks()
+        module.detach_hooks()
+        self._module = module
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        return module
+
+    def min_micro_batches(self, batch_size: int) -> int:
+        return 1
+
+    def start_epoch(self, measure: bool, dataset_size: int) -> None:
+        self._reset()
+        self._set_measuring(measure)
+
+    def after_micro_backward(self, micro_size: int, loss_scale: float) -> None:
+        if not self._measure:
+            return
+        start = time.perf_counter()
+        module = self._require_module()
+        if module.eval_mode_layers:
+            raise RuntimeError(
+                "per-sample norms are undefined for layers run in eval mode during a measured "
+                f"epoch (their parameters still train): {sorted(module.eval_mode_layers)}"
+            )
+        if module.batch_sizes_seen - {micro_size}:
+            raise RuntimeError(
+                f"a layer saw {sorted(module.batch_sizes_seen)} samples in a micro-batch of "
+                f"{micro_size}; per-sample norms need the batch as the first dimension"
+            )
+        norms = module.take_pending()
+        if norms:
+            # The hooks' norms are ||∂(loss_scale·mean loss)/∂θ_i|| = (loss_scale/m)·||g_i||.
+            factor = micro_size / loss_scale
+            self._batch_sq += sq_norm_sum(norms) * (factor * factor)
+        self._own_time_s += time.perf_counter() - start
+
+    def after_batch(self, batch_size: int) -> None:
+        if not self._measure:
+            return
+        start = time.perf_counter()
+        self._sum_sq += self._batch_sq
+        self._batch_sq.zero_()
+        self._grad_sum.add(self._params, batch_size)
+        self._n_samples += batch_size
+        self._own_time_s += time.perf_counter() - start
+
+    def abort_batch(self) -> None:
+        """Forget the current batch's micro-batches (the loop redoes it after an OOM)."""
+        self._batch_sq.zero_()
+        if self._module is not None:
+            self._module.take_pending()
+            self._module.eval_mode_layers.clear()
+
+    def end_epoch(self) -> GradStats | None:
+        if not self._measure:
+            return None
+        start = time.perf_counter()
+        stats_q = float(self._sum_sq.item())
+        s2 = float(self._grad_sum.sq_norm().item())
+        own = self._own_time_s + time.perf_counter() - start + self._hook_time()
+        stats = make_grad_stats(stats_q, s2, self._n_samples, self.name, own)
+        self._set_measuring(False)
+        self._reset()
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "measure": self._measure,
+            "sum_sq_norms": float(self._sum_sq.item()),
+            "grad_sum": self._grad_sum.state(),
+            "n_samples": self._n_samples,
+            "time_s": self._own_time_s + self._hook_time(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a mid-epoch state (call after :meth:`wrap`)."""
+        self._reset()
+        self._set_measuring(bool(state["measure"]))
+        self._sum_sq.fill_(float(state["sum_sq_norms"]))
+        self._grad_sum.load(state["grad_sum"], self._params)
+        self._n_samples = int(state["n_samples"])
+        self._own_time_s = float(state["time_s"])
+
+    # -- internals ---------------------------------------------------------------------
+    def _reset(self) -> None:
+        device = self._params[0].device if self._params else torch.device("cpu")
+        self._sum_sq = torch.zeros((), dtype=torch.float64, device=device)
+        self._batch_sq = torch.zeros((), dtype=torch.float64, device=device)
+        self._grad_sum = GradientSum()
+        self._n_samples = 0
+        self._own_time_s = 0.0
+        if self._module is not None:
+            self._module.hook_time_s = 0.0
+            self._module.eval_mode_layers.clear()
+            self._module.take_pending()
+
+    def _hook_time(self) -> float:
+        return self._module.hook_time_s if self._module is not None else 0.0
+
+    def _require_module(self) -> GhostNormModule:
+        if self._module is None:
+            raise RuntimeError("ExactProvider.wrap(model) must be called before training")
+        return self._module
+
+    def _set_measuring(self, measure: bool) -> None:
+        module = self._require_module()
+        self._measure = measure
+        if measure:
+            module.attach_hooks()
+            module.enable_hooks()
+        else:
+            module.disable_hooks()
+            module.detach_hooks()
+            module.take_pending()
