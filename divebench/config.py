@@ -73,6 +73,7 @@ KEYS: dict[str, Key] = {
     "nesterov": Key(bool, False, "Nesterov momentum", "train"),
     "amp": Key(Literal["off", "bf16"], "off", "mixed precision (bf16 autocast on CUDA)", "train"),
     "compile": Key(bool, False, "torch.compile the model", "train"),
+    "threads": Key(int, 0, "CPU threads for torch (0 = torch's default); 1 avoids thread contention on a busy machine", "run"),
     # scoring
     "target_accuracy": Key(float, 0.0, "fixed target (fraction) for time-to-target; 0 = none", "score"),
     "baseline": Key(str, "", "entry that speed-ups are measured against", "score"),

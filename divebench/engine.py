@@ -30,7 +30,7 @@ from divebench.policy import InvalidDecision
 from divebench.results import ResultsError, RunFolder, environment, new_run_dir
 
 # Keys that do not change what a run computes: ignored when matching a run to resume.
-NON_RESULT_KEYS = {"resume", "results_dir", "wandb", "wandb_project", "policy", "seeds", "device"}
+NON_RESULT_KEYS = {"resume", "results_dir", "wandb", "wandb_project", "policy", "seeds", "device", "threads"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,6 +108,8 @@ def run_one(
     """Train one (entry, seed) and write its run folder; never raises for a run's own
     failure (it is recorded), only for signals and user errors found before it starts."""
     v = cfg.values
+    if v["threads"] > 0:
+        torch.set_num_threads(v["threads"])
     clock = Clock(device)
     with clock.region("other"):
         policy_cls, plugin = registry.policies[entry.policy]
