@@ -10,13 +10,17 @@ gate has. Change a threshold only with a reason in the commit message.
 from __future__ import annotations
 
 THRESHOLDS: dict[str, tuple[float, float, str]] = {
-    # harness loop (divebench.loop.train via engine.run_one, sgd, no provider) vs a bare
-    # PyTorch loop doing the same steps on the same model/data/order: train time ratio
-    "loop_overhead_b32": (1.05, 0.0, "2026-11-29"),
-    "loop_overhead_b256": (1.05, 0.0, "2026-11-29"),
-    # an epoch outside measurement vs an sgd epoch at the same batch size (B=32)
-    "adabatch_epoch_vs_sgd": (1.03, 0.0, "2026-11-29"),
-    "divebatch_unmeasured_epoch_vs_sgd": (1.03, 0.0, "2026-11-29"),
+    # bench/test_bench_loop.py, CPU time, 1 thread, median of 20+ interleaved pairs.
+    # Harness loop (engine.run_one, sgd, no provider) vs a bare PyTorch loop doing the same
+    # steps, metrics and evaluations on the same model/data/order (MNIST-1D CNN). Two runs
+    # on the loaded machine: B=32 1.026 and 1.047, B=256 1.040 and 1.049 (near the limit:
+    # ~0.15 ms of per-step plumbing in loop._accumulate; see the bench's docstring).
+    "loop_overhead_b32": (1.05, 1.047, "2026-11-29"),
+    "loop_overhead_b256": (1.05, 1.049, "2026-11-29"),
+    # an epoch outside measurement vs an sgd epoch at the same batch size (B=32); two
+    # runs: AdaBatch 1.022 and 1.005, DiveBatch (provider wrapped, hooks off) 0.994, 1.020
+    "adabatch_epoch_vs_sgd": (1.03, 1.005, "2026-11-29"),
+    "divebatch_unmeasured_epoch_vs_sgd": (1.03, 1.020, "2026-11-29"),
     # a speed-up, so the gate is a floor: fails when the ratio is BELOW the threshold.
     # images/s of the device-resident CIFAR-10 pipeline (uint8 on the device, batched
     # crop/flip/normalise) over a torchvision DataLoader (2 workers, PIL transforms);
@@ -24,6 +28,11 @@ THRESHOLDS: dict[str, tuple[float, float, str]] = {
     # development machine gave 11.5x, 15.5x and 20.5x; the median is recorded.
     "pipeline_vs_dataloader": (5.0, 15.5, "2026-11-29"),
 }
+
+# Same-run gates on CPU time miss a loop that waits instead of computing (a sleep, a
+# blocking write): bench/test_bench_loop.py also gates the same pairs' wall-time ratio,
+# loosely, since the neighbours on a shared machine move wall time by tens of percent.
+WALL_RATIO_LIMIT = 1.25
 
 
 def threshold(name: str) -> float:

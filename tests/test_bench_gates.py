@@ -1,0 +1,79 @@
+"""The loop-overhead gate of bench/ can fail: a training loop made slower on purpose,
+by extra work or by waiting, trips it (the same gate function the benchmark calls)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import divebench.loop
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SLOW_S = 0.002  # added per batch: more than the whole step of the MNIST-1D CNN at B=32
+
+
+@pytest.fixture(scope="module")
+def gates() -> Iterator[ModuleType]:
+    """bench/test_bench_loop.py, imported as the benchmark run imports it."""
+    if not (BENCH / "test_bench_loop.py").exists():
+        pytest.skip("no bench/ folder (not a source checkout)")
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_loop_gates", BENCH / "test_bench_loop.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_loop_gates", None)
+        sys.path.remove(str(BENCH))
+
+
+def slowed(how: str) -> Any:
+    """divebench.loop's per-batch forward/backward, plus SLOW_S of CPU work or of waiting."""
+    original = divebench.loop._batch_with_oom_retry
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if how == "work":
+            end = time.process_time() + SLOW_S
+            while time.process_time() < end:
+                pass
+        else:
+            time.sleep(SLOW_S)
+        return original(*args, **kwargs)
+
+    return wrapper
+
+
+def small_gate(gates: ModuleType, tmp_path: Path) -> Any:
+    # a short version of loop_overhead_b32 (800 training samples, 25 steps an epoch)
+    return gates.loop_overhead_gate(tmp_path, batch_size=32, epochs=1, reps=4, n_samples=1000,
+                                    name="loop_overhead_b32", max_rounds=1)
+
+
+def test_extra_work_in_the_loop_fails_the_gate(gates: ModuleType, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(divebench.loop, "_batch_with_oom_retry", slowed("work"))
+    result = small_gate(gates, tmp_path)
+    assert not result.passed
+    # far beyond the short gate's own noise (1.0-1.15 unpatched): the slowdown was measured
+    assert result.ratio > 1.5
+    assert result.message().startswith("gate loop_overhead_b32: FAILED: CPU-time ratio")
+
+
+def test_waiting_in_the_loop_fails_the_gate(gates: ModuleType, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sleep costs no CPU time: the wall-time ratio of the same pairs catches it."""
+    monkeypatch.setattr(divebench.loop, "_batch_with_oom_retry", slowed("sleep"))
+    result = small_gate(gates, tmp_path)
+    assert not result.passed
+    assert result.wall_ratio > max(result.wall_limit, 1.5)
+    assert "FAILED" in result.message()
