@@ -347,12 +347,24 @@ def test_conv_norm_strategies_match_opacus_conv_sampler(layer, strategy):
 
 
 def test_conv_norm_sample_chunks_large_batches(monkeypatch):
-    monkeypatch.setattr(exact_mod, "_CHUNK_ELEMENTS", 500)
+    # Patches of 3 samples (3 × 108 × 9 = 2916 elements) fit a budget of 3000 > the
+    # input's 972 elements: 9 samples go through in 3 chunks.
+    monkeypatch.setattr(exact_mod, "_CHUNK_ELEMENTS", 3000)
+    seen = []
+    for name, fn in list(exact_mod._CONV_STRATEGIES.items()):
+        monkeypatch.setitem(
+            exact_mod._CONV_STRATEGIES,
+            name,
+            lambda m, x, b, fn=fn: seen.append(len(x)) or fn(m, x, b),
+        )
     layer = nn.Conv2d(3, 4, 3, padding=1).double()
     x = torch.randn(9, 3, 6, 6, dtype=torch.float64)
     b = torch.randn(9, 4, 6, 6, dtype=torch.float64)
     want = compute_conv_grad_sample(layer, [x], b)[layer.weight].flatten(1).norm(dim=1)
-    torch.testing.assert_close(exact_mod.conv_norm_sample(layer, [x], b)[layer.weight], want)
+    seen.clear()
+    got = exact_mod.conv_norm_sample(layer, [x], b)[layer.weight]
+    torch.testing.assert_close(got, want)
+    assert seen[-3:] == [3, 3, 3]
 
 
 def test_refuses_eval_mode_layers_and_weight_tying():

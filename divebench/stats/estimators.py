@@ -162,7 +162,7 @@ class EpochEstimator(_EstimatorBase):
         start = time.perf_counter()
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
-            self._p_sum += sq_norm_sum(grads) * float(batch_size) ** 2
+            self._p_sum.add_(sq_norm_sum(grads), alpha=float(batch_size) ** 2)
         self._a_sum += float(batch_size) ** 2
         self._grad_sum.add(self._params, batch_size)
         self._n_samples += batch_size

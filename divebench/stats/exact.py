@@ -143,7 +143,12 @@ def sq_norm_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.dot(stacked, stacked)
 
 
-_CHUNK_ELEMENTS = 1 << 24  # per-sample work in chunks of at most 16M elements (64 MB fp32)
+# Per-sample conv work runs on chunks of samples whose input patches hold at most
+# max(_CHUNK_ELEMENTS, the layer input's size) elements: patches are K× the input (9×
+# for 3×3 kernels), so a whole batch at once could take several times the memory of
+# the activations the backward already keeps. Bounded by the input's own size, the
+# transient stays within what the layer already holds.
+_CHUNK_ELEMENTS = 1 << 22
 
 NormSampler = Callable[
     [nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]
@@ -318,7 +323,7 @@ def conv_norm_sample(
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
         per_sample = max(1, x[0].numel() * math.prod(layer.kernel_size))
-        chunk = max(1, _CHUNK_ELEMENTS // per_sample)
+        chunk = max(1, max(_CHUNK_ELEMENTS, x.numel()) // per_sample)
         if chunk >= n:
             out[layer.weight] = _CONV_STRATEGIES[_conv_strategy(layer, x, backprops)](
                 layer, x, backprops

@@ -1,0 +1,279 @@
+"""Same-run ratio gates on what gradient statistics cost (thresholds: bench/thresholds.py).
+
+For each statistics provider (``exact``, ``epoch``, ``microbatch``), model and batch
+size (128, 512): one *measured* epoch (the provider wrapping the model, driven as
+:mod:`divebench.stats.base` documents, through ``divebench.stats.reference.drive_epoch``)
+against one *plain* epoch of an identical, unwrapped copy of the model at the same batch
+size, with SGD (momentum 0.9). The microbatch provider's epoch includes the split of every
+batch into 4 micro-batches: that is what measuring costs it.
+
+Timing follows bench/test_bench_loop.py: CPU time of this process (``process_time``)
+with torch on one thread, since on a shared 2-core machine wall time moved 5× with the
+neighbours' load and OpenMP spin-waiting bills CPU to whoever waits; subject and
+reference interleaved ABBA after a warm-up of each (which also runs the exact
+provider's one-off choice of conv strategy per layer shape); the gate's ratio is the
+median of the paired ratios; a failing gate is re-measured with more pairs (up to 3×)
+and judged on all of them, so a burst of load is outvoted and a real slowdown is not.
+
+Models (built here, so the benchmark does not move when the suites' models do):
+
+- ``mnist1d``: MNIST-1D's CNN (Greydanus 2020, as in divebench's mnist1d suite): three
+  strided Conv1d of 25 channels and a linear head, on 4,000 random 1×40 inputs.
+- ``cifar``: a small CIFAR-shaped CNN, three conv(3×3)-BatchNorm-ReLU-maxpool blocks of
+  16/32/64 channels and a linear head, on 640 random 3×32×32 images (at batch 512 an
+  epoch is a batch of 512 and a ragged one of 128: the epoch estimator needs two).
+
+Peak memory (batch 512, measured after the timing pairs of the same sides): torch's CPU allocations are invisible to ``tracemalloc``, and
+the process RSS mixes in allocator caching. Instead the epoch runs under
+``torch.profiler`` with ``profile_memory=True``, whose allocation events (sizes signed:
+allocations and frees, in time order) give the peak of torch's live bytes during the
+epoch relative to its start; the bytes live at the start that the epoch works on
+(parameters, buffers, optimiser state; not the dataset, which both sides share) are
+added, so the peak covers what a device's ``max_memory_allocated`` would: model state,
+activations, gradients and the provider's buffers (per-sample intermediates, the
+float64 gradient sum). The ratio is measured-epoch peak over plain-epoch peak.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from thresholds import THRESHOLDS  # bench/ is on sys.path under pytest
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from divebench.stats import make_provider
+from divebench.stats.reference import drive_epoch
+
+PROVIDERS = ("exact", "epoch", "microbatch")
+BATCH_SIZES = (128, 512)
+REPS = {"mnist1d": 16, "cifar": 5}  # pairs per gate (up to 3× when a gate is re-measured)
+
+
+class MNIST1DCNN(nn.Module):
+    """MNIST-1D's CNN baseline: three strided Conv1d of 25 channels, a linear head."""
+
+    def __init__(self, length: int = 40, channels: int = 25, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        out_len = length
+        for k in (5, 3, 3):
+            out_len = (out_len + 2 - k) // 2 + 1
+        self.linear = nn.Linear(channels * out_len, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x).relu()
+        h = self.conv2(h).relu()
+        h = self.conv3(h).relu()
+        return self.linear(h.flatten(1))
+
+
+def cifar_cnn(classes: int = 10) -> nn.Module:
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                nn.ReLU(), nn.MaxPool2d(2)]  # fmt: skip
+
+    return nn.Sequential(
+        *block(3, 16), *block(16, 32), *block(32, 64),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes),
+    )  # fmt: skip
+
+
+def workload(model_name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if model_name == "mnist1d":
+        model: nn.Module = MNIST1DCNN()
+        x = torch.randn(4000, 1, 40, generator=gen)
+    else:
+        model = cifar_cnn()
+        x = torch.randn(640, 3, 32, 32, generator=gen)
+    return model, x, torch.randint(0, 10, (x.shape[0],), generator=gen)
+
+
+class Plain:
+    """No statistics at all: the reference epoch (same loop, no provider calls' work)."""
+
+    name = "plain"
+
+    def start_epoch(self, measure: bool, dataset_size: int) -> None: ...
+    def min_micro_batches(self, batch_size: int) -> int:
+        return 1
+
+    def after_micro_backward(self, micro_size: int, loss_scale: float) -> None: ...
+    def after_batch(self, batch_size: int) -> None: ...
+    def end_epoch(self) -> None:
+        return None
+
+
+class Sides:
+    """A measured side (provider-wrapped model) and a plain side (identical copy)."""
+
+    def __init__(self, model_name: str, provider_name: str, batch_size: int) -> None:
+        model, self.x, self.y = workload(model_name)
+        plain_model = copy.deepcopy(model)
+        self.batch_size = batch_size
+        self.provider = make_provider(provider_name)
+        self.module = self.provider.wrap(model)
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.plain_model = plain_model
+        self.plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
+        self.last_stats: Any = None
+
+    def measured_epoch(self) -> None:
+        (self.last_stats,) = drive_epoch(
+            self.provider, self.module, self.opt, self.x, self.y, self.batch_size
+        )
+
+    def plain_epoch(self) -> None:
+        drive_epoch(Plain(), self.plain_model, self.plain_opt, self.x, self.y, self.batch_size)
+
+
+@dataclass
+class GateResult:
+    """A ratio gate's outcome: ``ratio`` is the median of paired subject/reference."""
+
+    name: str
+    ratio: float
+    threshold: float
+    subject_s: list[float]
+    reference_s: list[float]
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio <= self.threshold
+
+    def message(self) -> str:
+        pairs = sorted(
+            round(a / b, 3) for a, b in zip(self.subject_s, self.reference_s, strict=True)
+        )
+        return (
+            f"gate {self.name}: {'ok' if self.passed else 'FAILED'}: ratio {self.ratio:.3f} "
+            f"(threshold {self.threshold:.2f}); subject median "
+            f"{statistics.median(self.subject_s):.4f} s, reference median "
+            f"{statistics.median(self.reference_s):.4f} s over {len(pairs)} pairs; {pairs}"
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {"gate": self.name, "ratio": self.ratio, "threshold": self.threshold,
+                "passed": self.passed, "subject_s": self.subject_s,
+                "reference_s": self.reference_s}  # fmt: skip
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_seconds(fn: Callable[[], None]) -> float:
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def paired_ratio(
+    name: str, subject: Callable[[], None], reference: Callable[[], None], reps: int,
+    max_rounds: int = 3,
+) -> GateResult:  # fmt: skip
+    """Median of subject/reference CPU-time ratios over ABBA-interleaved pairs."""
+    limit = THRESHOLDS[name][0]
+    with one_thread():
+        subject()
+        reference()
+        subj: list[float] = []
+        ref: list[float] = []
+        for _ in range(max_rounds):
+            for r in range(reps):
+                gc.collect()  # a collection caused by one side must not land in the other
+                if r % 2 == 0:
+                    s, f = cpu_seconds(subject), cpu_seconds(reference)
+                else:
+                    f, s = cpu_seconds(reference), cpu_seconds(subject)
+                subj.append(s)
+                ref.append(f)
+            ratios = [a / b for a, b in zip(subj, ref, strict=True)]
+            result = GateResult(name, statistics.median(ratios), limit, list(subj), list(ref))
+            if result.passed:
+                break
+    return result
+
+
+def peak_bytes(fn: Callable[[], None], module: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Peak torch CPU bytes of ``fn`` (see the module docstring): state + in-epoch peak."""
+    state = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    state += sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
+    state += sum(
+        p.grad.numel() * p.grad.element_size() for p in module.parameters() if p.grad is not None
+    )
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return state + peak
+
+
+# --------------------------------------------------------------------------- the gates
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("model_name", ["mnist1d", "cifar"])
+def test_measured_epoch_vs_plain(
+    benchmark: Any, model_name: str, provider: str, batch_size: int
+) -> None:
+    """A measured epoch against a plain one: time (exact ≤ 2×, epoch ≤ 1.1×, microbatch a
+    regression gate) and, at batch 512, peak memory (≤ 2×); bench/thresholds.py."""
+    name = f"stats_{provider}_{model_name}_b{batch_size}"
+    sides = Sides(model_name, provider, batch_size)
+
+    def gate() -> GateResult:
+        return paired_ratio(name, sides.measured_epoch, sides.plain_epoch, REPS[model_name])
+
+    result = benchmark.pedantic(gate, rounds=1, iterations=1)
+    benchmark.extra_info.update(result.info())
+    stats = sides.last_stats
+    assert stats is not None and stats.n_samples == sides.x.shape[0]
+    assert stats.sum_sq_norms > 0 and stats.grad_sum_sq_norm > 0, stats
+    messages = [result.message()]
+    passed = result.passed
+    if batch_size == 512:
+        mem_name = f"{name}_peak_memory"
+        with one_thread():
+            measured = peak_bytes(sides.measured_epoch, sides.module, sides.opt)
+            plain = peak_bytes(sides.plain_epoch, sides.plain_model, sides.plain_opt)
+        limit = THRESHOLDS[mem_name][0]
+        ratio = measured / plain
+        benchmark.extra_info.update({"memory_gate": mem_name, "memory_ratio": ratio,
+                                     "measured_peak_mb": measured / 2**20,
+                                     "plain_peak_mb": plain / 2**20})  # fmt: skip
+        messages.append(f"gate {mem_name}: {'ok' if ratio <= limit else 'FAILED'}: ratio "
+                        f"{ratio:.3f} (threshold {limit:.2f}); measured "
+                        f"{measured / 2**20:.1f} MB, plain {plain / 2**20:.1f} MB")  # fmt: skip
+        passed = passed and ratio <= limit
+    print("\n".join(messages))
+    assert passed, "\n".join(messages)
