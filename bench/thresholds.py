@@ -27,6 +27,31 @@ THRESHOLDS: dict[str, tuple[float, float, str]] = {
     # wall time (the DataLoader works in other processes). Three runs on the loaded
     # development machine gave 11.5x, 15.5x and 20.5x; the median is recorded.
     "pipeline_vs_dataloader": (5.0, 15.5, "2026-11-29"),
+    # gradient statistics (bench/test_bench_stats.py): one measured epoch vs one plain
+    # epoch of an identical unwrapped model at the same batch size, CPU time, 1 thread.
+    # exact <= 2x and epoch <= 1.1x are the design targets; the microbatch gates (4
+    # micro-batches per measured batch: small micro-batches run slower on a CPU) only
+    # catch regressions. Noise between identical sides is about +-5% here.
+    "stats_exact_mnist1d_b128": (2.0, 1.768, "2026-11-29"),
+    "stats_exact_mnist1d_b512": (2.0, 1.775, "2026-11-29"),
+    "stats_epoch_mnist1d_b128": (1.1, 0.96, "2026-11-29"),
+    "stats_epoch_mnist1d_b512": (1.1, 1.086, "2026-11-29"),
+    "stats_microbatch_mnist1d_b128": (3.0, 2.789, "2026-11-29"),
+    "stats_microbatch_mnist1d_b512": (3.0, 1.776, "2026-11-29"),
+    "stats_exact_cifar_b128": (2.0, 1.454, "2026-11-29"),
+    "stats_exact_cifar_b512": (2.0, 1.425, "2026-11-29"),
+    "stats_epoch_cifar_b128": (1.1, 0.995, "2026-11-29"),
+    "stats_epoch_cifar_b512": (1.1, 1.004, "2026-11-29"),
+    "stats_microbatch_cifar_b128": (3.0, 1.07, "2026-11-29"),
+    "stats_microbatch_cifar_b512": (3.0, 0.789, "2026-11-29"),
+    # peak memory (torch CPU allocations + model/optimiser state) of a measured epoch vs
+    # a plain one at batch 512
+    "stats_exact_mnist1d_b512_peak_memory": (2.0, 1.713, "2026-11-29"),
+    "stats_epoch_mnist1d_b512_peak_memory": (2.0, 1.009, "2026-11-29"),
+    "stats_microbatch_mnist1d_b512_peak_memory": (2.0, 0.279, "2026-11-29"),
+    "stats_exact_cifar_b512_peak_memory": (2.0, 1.094, "2026-11-29"),
+    "stats_epoch_cifar_b512_peak_memory": (2.0, 1.0, "2026-11-29"),
+    "stats_microbatch_cifar_b512_peak_memory": (2.0, 0.251, "2026-11-29"),
 }
 
 # Same-run gates on CPU time miss a loop that waits instead of computing (a sleep, a
