@@ -1,8 +1,9 @@
 """Golden results: what every built-in policy did on the synthetic and MNIST-1D suites.
 
 Each suite runs through the real ``divebench run`` (click, in this process) with a fixed
-seed on the CPU, as shipped except for a short budget (``GOLDEN_RUNS``: 8 epochs, so
-AdaBatch doubles once and DiveBatch's measurement after epoch 4 moves its batch size).
+seed on the CPU, as shipped except for a short budget (``GOLDEN_RUNS``: 6 epochs of
+synthetic, 8 of MNIST-1D: AdaBatch doubles once and DiveBatch's first measurement moves
+its batch size; ``test_golden_runs_move_the_batch_size`` keeps it so).
 Per entry, bench/golden/<suite>.json holds the epoch-by-epoch batch size, LR multiplier,
 measurement flag and measured n·Δ̂, cumulative optimiser steps and samples, validation
 accuracy, and the final totals. Any change fails with the list of what moved, epoch by
@@ -10,9 +11,9 @@ epoch. Regenerate deliberately (and say why in the commit)::
 
     pytest bench/test_golden.py --update-golden      # or: divebench bench --update-golden
 
-Floats on one CPU with one torch thread and deterministic algorithms are reproducible
-bit for bit (``test_rerun_is_bit_identical`` checks it); accuracies are compared to 1e-6
-and n·Δ̂ to a relative 1e-6. Another CPU model or torch version may round differently:
+On one CPU with one torch thread and deterministic algorithms a rerun reproduces every
+count and accuracy exactly and n·Δ̂ to ~1e-9 (``test_rerun_reproduces_the_numbers``);
+accuracies are compared to 1e-6 and n·Δ̂ to a relative 1e-6. Another CPU model or torch version may round differently:
 the failure message names the environment the golden file was recorded in.
 """
 
@@ -33,10 +34,10 @@ from click.testing import CliRunner
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 # suite -> the settings on top of the suite's own (entries, delta, resize_freq as shipped)
 GOLDEN_RUNS: dict[str, list[str]] = {
-    "synthetic": ["seeds=0", "epochs=8", "n_samples=4000"],
+    "synthetic": ["seeds=0", "epochs=6"],
     "mnist1d": ["seeds=0", "epochs=8"],
 }
-COMMON = ["device=cpu", "wandb=off"]
+COMMON = ["device=cpu", "wandb=off", "threads=1"]
 PER_EPOCH = ("batch_size", "lr_multiplier", "measured", "n_grad_diversity", "step", "samples_seen", "val_acc")
 TOTALS = ("status", "epochs_completed", "steps", "samples_seen", "final_batch_size", "final_val_acc")
 ABS_TOL = {"val_acc": 1e-6, "final_val_acc": 1e-6, "lr_multiplier": 1e-12}
@@ -192,18 +193,35 @@ def test_golden_runs_move_the_batch_size(records: dict[str, dict[str, Any]]) -> 
             assert len(set(sizes)) > 1, f"{suite} {name}: the batch size never moved ({sizes})"
 
 
-def test_rerun_is_bit_identical(records: dict[str, dict[str, Any]], tmp_path: Path) -> None:
-    """Two runs give identical numbers (every float bit for bit): the premise of 1e-6."""
-    again = run_suite("mnist1d", tmp_path, ["policy=divebatch"])
-    assert again["divebatch"] == records["mnist1d"]["divebatch"]
+def test_rerun_reproduces_the_numbers(records: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """A second run reproduces the first, the premise of comparing to 1e-6: every count,
+    batch size, flag and accuracy exactly; n·Δ̂ to 1e-7 relative, ten times inside the
+    golden tolerance. n·Δ̂ is not bit-reproducible: the exact provider picks, per layer
+    shape, whichever per-sample-norm strategy is fastest on this machine at that moment,
+    and the float32 strategies round differently; reruns differed by 1e-10 to 1.4e-9."""
+    again = run_suite("mnist1d", tmp_path, ["policy=divebatch"])["divebatch"]
+    first = records["mnist1d"]["divebatch"]
+    assert {k: first[k] for k in TOTALS} == {k: again[k] for k in TOTALS}
+    for key in PER_EPOCH:
+        a, b = first["per_epoch"][key], again["per_epoch"][key]
+        if key == "n_grad_diversity":
+            assert [x is None for x in a] == [x is None for x in b]
+            assert all(x is None or math.isclose(x, y, rel_tol=1e-7) for x, y in zip(a, b, strict=True)), (a, b)
+        else:
+            assert a == b, f"{key}: {a} vs {b}"
 
 
 def test_changed_delta_fails_with_a_readable_diff(records: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     """Changing the DiveBatch rule's δ is caught, and the message says which batch sizes moved."""
     golden_file = {"entries": records["synthetic"], "environment": environment()}
-    now = run_suite("synthetic", tmp_path, ["policy=divebatch", "divebatch.delta=0.05"])
+    from divebench import plugins
+    from divebench.config import resolve
+
+    cfg = resolve({"suite": "synthetic", "policy": "divebatch"}, plugins.get_registry())
+    delta = 2 * cfg.entries[0].params["delta"]  # the suite's δ, doubled
+    now = run_suite("synthetic", tmp_path, ["policy=divebatch", f"divebatch.delta={delta}"])
     message = check("synthetic", now, golden_file, entries=["divebatch"])
     assert message is not None, "a different delta went unnoticed"
     assert "divebatch: batch_size by epoch: golden" in message
-    assert re.search(r"epoch 5: batch_size \d+ -> \d+", message), message
+    assert re.search(r"epoch \d+: batch_size \d+ -> \d+", message), message
     assert "divebatch: steps" in message and "--update-golden" in message
