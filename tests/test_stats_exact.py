@@ -134,6 +134,7 @@ def test_paper_mode_differs_only_in_batchnorm_weights():
     assert c.sum_sq_norms != pytest.approx(p.sum_sq_norms, rel=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus' own hooks
 def test_batchnorm_grad_sampler_terms_sum_to_batch_gradient():
     """Stock Opacus GradSampleModule (hooks mode) with divebench's registered BN sampler."""
     torch.manual_seed(4)

@@ -37,6 +37,14 @@ that a mean-reduced loss counts each sample once (Opacus multiplies by m).
     the contribution term. One forward and one backward per micro-batch, as in
     ``contribution``: the mode costs nothing extra.
 
+    Why not a second, eval-mode forward/backward: BackPACK decides a BatchNorm
+    layer's mode when its backward runs (``batch_norm_raise_error_if_train`` in the
+    backward hook, running statistics read in ``_get_normalized_input_and_var``),
+    so switching to eval mode after the train-mode forward changes only the BN
+    weight term, and the conv/linear terms stay consistent with the batch gradient,
+    as the authors' description has it. An extra eval-mode pass would instead
+    change every term (they would be gradients of a different network).
+
 The sampler is registered with ``opacus.grad_sample.register_grad_sampler`` for
 ``BatchNorm1d/2d/3d`` on import (process-wide, as Opacus' registry is). The mode is
 read from each layer (:func:`set_bn_mode`); layers never marked use ``contribution``.

@@ -155,6 +155,13 @@ NormSampler = Callable[
 ]
 
 
+def _row_norms(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each row; half-precision rows (autocast) are reduced in float32."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(t, dim=1, dtype=torch.float32)
+    return torch.linalg.vector_norm(t, dim=1)
+
+
 def _padded(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     pad = layer._reversed_padding_repeated_twice
     if not any(pad):
@@ -210,7 +217,7 @@ def _norms_matmul_rows(
 ) -> torch.Tensor:
     """g_i = δ_i (O×Q) · patches_i (Q×CK), one batched matmul; norms of g_i."""
     grad = torch.bmm(_out_grads(layer, b), _patch_rows(layer, x))
-    return torch.linalg.vector_norm(grad.reshape(x.shape[0], -1), dim=1)
+    return _row_norms(grad.reshape(x.shape[0], -1))
 
 
 def _norms_matmul_cols(
@@ -218,7 +225,7 @@ def _norms_matmul_cols(
 ) -> torch.Tensor:
     """g_iᵀ = patches_iᵀ (CK×Q) · δ_iᵀ (Q×O), the other memory layout of the same product."""
     grad = torch.bmm(_patch_cols(layer, x), _out_grads(layer, b).transpose(1, 2))
-    return torch.linalg.vector_norm(grad.reshape(x.shape[0], -1), dim=1)
+    return _row_norms(grad.reshape(x.shape[0], -1))
 
 
 def _norms_ghost(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -227,7 +234,8 @@ def _norms_ghost(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, b: torch.Tensor)
     d = _out_grads(layer, b)  # (nG, O, Q)
     gram_a = torch.bmm(rows, rows.transpose(1, 2))
     gram_b = torch.bmm(d.transpose(1, 2), d)
-    sq = (gram_a * gram_b).reshape(x.shape[0], -1).sum(dim=1)
+    acc = torch.promote_types(gram_a.dtype, torch.float32)  # half precision sums in fp32
+    sq = (gram_a * gram_b).reshape(x.shape[0], -1).sum(dim=1, dtype=acc)
     return sq.clamp(min=0).sqrt()
 
 
@@ -252,7 +260,7 @@ def _norms_grouped(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor, b: torch.Tenso
         n * groups,
         [False, True, False],
     )[1]
-    return torch.linalg.vector_norm(grad.reshape(n, -1), dim=1)
+    return _row_norms(grad.reshape(n, -1))
 
 
 _CONV_STRATEGIES = {
@@ -337,7 +345,7 @@ def conv_norm_sample(
             out[layer.weight] = norms
     if layer.bias is not None and layer.bias.requires_grad:
         bias_grad = backprops.sum(dim=tuple(range(2, backprops.dim())))
-        out[layer.bias] = torch.linalg.vector_norm(bias_grad, dim=1)
+        out[layer.bias] = _row_norms(bias_grad)
     return out
 
 
