@@ -155,7 +155,7 @@ def test_metrics_rows_have_every_field(tmp_path) -> None:
     from divebench.results import METRIC_FIELDS
 
     res = run_cli("run", "suite=synthetic", "policy=adabatch", "adabatch.resize_freq=1", "seeds=0", "epochs=3",
-                  "n_samples=1000", f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q")
+                  "n_samples=1000", "batch_size=16", f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q")
     assert res.exit_code == 0, res.output
     (run,) = (tmp_path / "synthetic").iterdir()
     rows = read_rows(run)
