@@ -110,6 +110,8 @@ def run_one(
     v = cfg.values
     if v["threads"] > 0:
         torch.set_num_threads(v["threads"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # autotune: its warm-up is counted as training time
     clock = Clock(device)
     with clock.region("other"):
         policy_cls, plugin = registry.policies[entry.policy]
