@@ -56,8 +56,10 @@ THRESHOLDS: dict[str, tuple[float, float, str]] = {
 
 # Same-run gates on CPU time miss a loop that waits instead of computing (a sleep, a
 # blocking write): bench/test_bench_loop.py also gates the same pairs' wall-time ratio,
-# loosely, since the neighbours on a shared machine move wall time by tens of percent.
-WALL_RATIO_LIMIT = 1.25
+# loosely, since the neighbours on a shared machine move wall time by tens of percent:
+# the loop gates' wall ratios were 1.04-1.17 at a load average of 4-5 on 2 cores, while
+# 2 ms of sleep per step gives 1.85.
+WALL_RATIO_LIMIT = 1.3
 
 
 def threshold(name: str) -> float:
