@@ -23,7 +23,14 @@ import yaml
 
 from divebench import checkpoint as ckpt
 from divebench.clock import Clock
-from divebench.config import ConfigError, Entry, RunConfig, make_policy_config, suite_context, validate
+from divebench.config import (
+    ConfigError,
+    Entry,
+    RunConfig,
+    make_policy_config,
+    suite_context,
+    validate,
+)
 from divebench.data.base import DataBundle
 from divebench.loop import Diverged, Interrupted, Progress, Setup, train
 from divebench.policy import InvalidDecision

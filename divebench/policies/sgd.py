@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from divebench.policy import Decision, Policy, PolicyConfig, PolicyState, SuiteContext
 from divebench.policies.common import LrScaling, lr_scale
+from divebench.policy import Decision, Policy, PolicyConfig, PolicyState, SuiteContext
 
 
 @dataclass

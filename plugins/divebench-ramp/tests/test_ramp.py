@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
+from divebench_ramp.plugin import Ramp, RampConfig
+
 from divebench.cli import main
 from divebench.policy import SuiteContext
-from divebench_ramp.plugin import Ramp, RampConfig
 
 
 def test_ramp_goes_from_b0_to_bmax() -> None:
