@@ -51,3 +51,37 @@ def test_wandb_auto_without_login_goes_offline(tmp_path, monkeypatch) -> None:
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline, "no offline W&B run directory"
     assert list(offline[0].glob("*.wandb")), "the offline run holds no .wandb file"
+
+
+def test_shards_partition_the_matrix_and_report_merges_them(tmp_path) -> None:
+    common = ["suite=synthetic", "policy=sgd-small,adabatch", "seeds=0,1", "epochs=1", "n_samples=600",
+              "wandb=off", "-q"]
+    seen = []
+    for i in (1, 2, 3):
+        res = run_cli("run", *common, f"results_dir={tmp_path / f'shard{i}'}", "--shard", f"{i}/3")
+        assert res.exit_code == 0, res.output
+        for run in (tmp_path / f"shard{i}" / "synthetic").iterdir():
+            s = json.loads((run / "summary.json").read_text())
+            seen.append((s["entry"], s["seed"]))
+    assert sorted(seen) == sorted((e, s) for e in ("sgd-small", "adabatch") for s in (0, 1))
+    dirs = ",".join(str(tmp_path / f"shard{i}") for i in (1, 2, 3))
+    res = run_cli("report", f"results_dir={dirs}", f"out={tmp_path / 'merged'}")
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("adabatch"))
+    assert line.split()[1] == "2"  # both seeds, from different shard folders
+    res = run_cli("run", *common, f"results_dir={tmp_path / 'x'}", "--shard", "4/3")
+    assert res.exit_code == 2 and "--shard must be i/n with 1 <= i <= n" in res.output
+
+
+def test_report_wandb_offline_says_what_to_sync(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
+    res = run_cli("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=1", "n_samples=600",
+                  f"results_dir={tmp_path / 'r'}", "wandb=offline", "-q")
+    assert res.exit_code == 0, res.output
+    res = run_cli("report", f"results_dir={tmp_path / 'r'}", "--wandb")
+    assert res.exit_code == 2
+    last = res.output.strip().splitlines()[-1]
+    assert "W&B online" in last and "wandb sync" in last
