@@ -211,7 +211,7 @@ def train(
                 p.stats = stats
                 row = {
                     "epoch": p.epoch, "step": p.step, "samples_seen": p.samples_seen,
-                    "batch_size": decision.batch_size, "lr": p.lr,
+                    "batch_size": min(decision.batch_size, n), "lr": p.lr,  # the sampler clips at n
                     "lr_multiplier": decision.lr_multiplier, "train_loss": train_loss,
                     "train_acc": int(correct) / max(seen, 1),
                     "val_loss": p.last_eval.val_loss, "val_acc": p.last_eval.val_acc,

@@ -19,8 +19,6 @@ class SGDConfig(PolicyConfig):
     def validate(self, ctx: SuiteContext) -> None:
         if self.batch_size < 0:
             raise ValueError(f"sgd.batch_size={self.batch_size} is not valid: expected an int >= 1 (0 = the suite's batch_size)")
-        if ctx.dataset_size and self.batch_size > ctx.dataset_size:
-            raise ValueError(f"sgd.batch_size={self.batch_size} is larger than the training set ({ctx.dataset_size})")
         if not self.lr_decay > 0:
             raise ValueError(f"sgd.lr_decay={self.lr_decay} is not valid: expected a number > 0")
         if self.decay_every < 0:
