@@ -51,6 +51,7 @@ from thresholds import THRESHOLDS  # bench/ is on sys.path under pytest
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from divebench.models.small import MNIST1DCNN
 from divebench.stats import make_provider
 from divebench.stats.reference import drive_epoch
 
@@ -59,24 +60,6 @@ BATCH_SIZES = (128, 512)
 REPS = {"mnist1d": 16, "cifar": 5}  # pairs per gate (up to 3× when a gate is re-measured)
 
 
-class MNIST1DCNN(nn.Module):
-    """MNIST-1D's CNN baseline: three strided Conv1d of 25 channels, a linear head."""
-
-    def __init__(self, length: int = 40, channels: int = 25, classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
-        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
-        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
-        out_len = length
-        for k in (5, 3, 3):
-            out_len = (out_len + 2 - k) // 2 + 1
-        self.linear = nn.Linear(channels * out_len, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(x).relu()
-        h = self.conv2(h).relu()
-        h = self.conv3(h).relu()
-        return self.linear(h.flatten(1))
 
 
 def cifar_cnn(classes: int = 10) -> nn.Module:
@@ -94,7 +77,7 @@ def workload(model_name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if model_name == "mnist1d":
-        model: nn.Module = MNIST1DCNN()
+        model: nn.Module = MNIST1DCNN(num_classes=10, length=40)  # the mnist1d suite's model
         x = torch.randn(4000, 1, 40, generator=gen)
     else:
         model = cifar_cnn()
