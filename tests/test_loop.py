@@ -168,3 +168,19 @@ def test_metrics_rows_have_every_field(tmp_path) -> None:
     assert summary["status"] == "complete" and summary["final_val_acc"] == rows[-1]["val_acc"]
     for f in ("config.yaml", "env.json"):
         assert (run / f).exists()
+
+
+def test_progress_lines_on_a_terminal_and_quiet_otherwise(capsys, monkeypatch) -> None:
+    from divebench.engine import Console
+
+    row = {"epoch": 3, "batch_size": 64, "lr": 0.05, "train_loss": 0.4321, "val_acc": 0.912,
+           "train_time_s": 12.3, "wall_time_s": 15.0}
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    Console(quiet=False).epoch("[mnist1d divebatch seed 0]", 20, row)
+    err = capsys.readouterr().err
+    assert "epoch   3/20" in err and "B=64" in err and "lr=0.05" in err and "val_acc=91.20%" in err
+    assert "loss=0.4321" in err and "train 12.3s" in err and "wall 15.0s" in err
+    Console(quiet=True).epoch("x", 20, row)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    Console(quiet=False).epoch("x", 20, row)
+    assert capsys.readouterr().err == ""

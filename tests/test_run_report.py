@@ -85,3 +85,17 @@ def test_report_wandb_offline_says_what_to_sync(tmp_path, monkeypatch) -> None:
     assert res.exit_code == 2
     last = res.output.strip().splitlines()[-1]
     assert "W&B online" in last and "wandb sync" in last
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
+    args = ["run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=2", "n_samples=600",
+            f"results_dir={tmp_path / 'r'}", "wandb=offline", "--no-report", "-q"]
+    assert run_cli(*args).exit_code == 0
+    (run,) = (tmp_path / "r" / "synthetic").iterdir()
+    assert run_cli(*args, f"resume={run.name}").exit_code == 0
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(d.name.endswith(f"-{run.name}") for d in offline)
+    assert json.loads((run / "summary.json").read_text())["wandb"]["run_id"] == run.name
