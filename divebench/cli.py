@@ -59,7 +59,26 @@ def registry() -> Any:
     return reg
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Click's usage errors as one ``divebench: error:`` line with exit code 2, like ours."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "divebench"
+            click.echo(f"divebench: error: {exc.format_message()} (see {where} --help)", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("divebench: aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="divebench")
 def main() -> None:
     """divebench: does this batch-size policy really train faster, and what does it cost
@@ -205,7 +224,7 @@ def report(settings: tuple[str, ...], to_wandb: bool) -> None:
     """Write the Markdown/HTML/PNG report of result folders.
 
     \b
-    divebench report [suite=NAME] [results_dir=PATH[,PATH...]] [out=PATH] [--wandb]
+    divebench report [suite=NAME] [results_dir=PATH[,PATH...]] [out=PATH] [--wandb [project=P] [entity=E]]
     Several results_dir paths (e.g. the folders of --shard slices) are merged.
     """
     from divebench import scoring
@@ -219,6 +238,8 @@ def report(settings: tuple[str, ...], to_wandb: bool) -> None:
             if k not in allowed:
                 raise ConfigError(f"unknown key '{k}' for report{suggest(k, allowed)} (keys: {', '.join(sorted(allowed))})")
         dirs = [Path(d) for d in opts.get("results_dir", "results").split(",") if d]
+        if not dirs:
+            raise ConfigError("results_dir= is empty: give one or more folders, comma-separated")
         for d in dirs:
             if not d.is_dir():
                 raise ConfigError(f"results_dir={d} does not exist; point results_dir= at the folder divebench run wrote")
@@ -228,7 +249,10 @@ def report(settings: tuple[str, ...], to_wandb: bool) -> None:
             where = f" of suite {suite}" if suite else ""
             raise ConfigError(f"no runs{where} under {', '.join(map(str, dirs))}; run divebench run first")
         out = Path(opts.get("out") or dirs[0] / "report")
-        path = write_report(dirs, out, suite)
+        try:
+            path = write_report(dirs, out, suite)
+        except OSError as exc:
+            raise ConfigError(f"out={out}: cannot write the report there ({exc.strerror or exc}); choose a folder with out=PATH") from None
         for name, score in scoring.score_all(runs).items():
             click.echo(f"\n== {name} ==")
             click.echo(_format(score))
@@ -247,9 +271,8 @@ def report(settings: tuple[str, ...], to_wandb: bool) -> None:
 
 @main.command()
 @click.argument("settings", nargs=-1)
-@click.option("--wandb", "as_wandb", is_flag=True, default=True, help="Write a W&B sweep file (the only format for now).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the YAML here instead of stdout.")
-def sweep(settings: tuple[str, ...], as_wandb: bool, out: Path | None) -> None:
+def sweep(settings: tuple[str, ...], out: Path | None) -> None:
     """Write a W&B sweep file over a suite's policies, seeds and grid keys.
 
     \b
@@ -272,7 +295,10 @@ def sweep(settings: tuple[str, ...], as_wandb: bool, out: Path | None) -> None:
         cfg = resolve(probe, reg)
         text = sweep_yaml(cfg.suite.name, [e.name for e in cfg.entries], cfg["seeds"], grid, opts.get("wandb_project", cfg["wandb_project"]))
     if out:
-        out.write_text(text)
+        try:
+            out.write_text(text)
+        except OSError as exc:
+            raise UserError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
         click.echo(f"sweep file: {out} (wandb sweep {out})")
     else:
         click.echo(text, nl=False)

@@ -354,6 +354,9 @@ def resolve(overrides: dict[str, str], registry: Any, suite_name: str | None = N
         wanted = coerce(policy_token, list[str], "policy")
         if not wanted:
             raise ConfigError("policy= is empty: name one or more entries or policies, comma-separated")
+        twice = sorted({w for w in wanted if wanted.count(w) > 1})
+        if twice:
+            raise ConfigError(f"policy= names '{twice[0]}' twice: list each entry once")
         selected: list[Entry] = []
         for w in wanted:
             if w in suite.entries:
@@ -401,7 +404,9 @@ def resolve(overrides: dict[str, str], registry: Any, suite_name: str | None = N
             if k not in fields_:
                 raise ConfigError(f"suite {suite.name}: entry '{e.name}' sets unknown key '{k}' of policy {e.policy}{suggest(k, fields_)} (keys: {', '.join(fields_) or 'none'})")
             params[k], src[k] = v, f"suite {suite.name}"
-        for dk, v in dotted.items():
+        # <policy>.<key> first, then <entry>.<key>: the more specific one wins
+        ordered = sorted(dotted.items(), key=lambda kv: kv[0].split(".", 1)[0] == e.name)
+        for dk, v in ordered:
             prefix, key = dk.split(".", 1)
             if prefix not in (e.name, e.policy):
                 continue
@@ -427,6 +432,7 @@ def resolve(overrides: dict[str, str], registry: Any, suite_name: str | None = N
                 key = dk.split(".", 1)[1]
                 if key not in fields_:
                     raise ConfigError(f"unknown key '{dk}': policy {owner} has no key '{key}'{suggest(key, fields_)} (keys: {', '.join(fields_) or 'none'})")
+                coerce(dotted[dk], fields_[key][0], f"{owner}.{key}")  # a typo in a value still fails
                 continue
             raise ConfigError(f"unknown key '{dk}': '{prefix}' is no policy or entry of this run{suggest(prefix, known)}")
 
@@ -454,8 +460,18 @@ def validate(cfg: RunConfig, registry: Any, dataset_size: int | None = None) -> 
     for k in ("n_samples", "subset"):
         if v[k] < 0:
             raise ConfigError(f"{k}={v[k]} is not valid: expected an int >= 0 (0 = default)")
-    if v["lr"] <= 0 or v["lr"] != v["lr"]:
-        raise ConfigError(f"lr={v['lr']} is not valid: expected a number > 0")
+    if not (0 < v["lr"] < float("inf")):
+        raise ConfigError(f"lr={v['lr']} is not valid: expected a finite number > 0")
+    if not (0 < v["lr_gamma"] < float("inf")):
+        raise ConfigError(f"lr_gamma={v['lr_gamma']} is not valid: expected a finite number > 0")
+    if v["lr_schedule"] == "multistep" and not v["lr_milestones"]:
+        raise ConfigError("lr_schedule=multistep needs lr_milestones=E1,E2,... (epochs where the LR is multiplied by lr_gamma)")
+    if any(m < 1 for m in v["lr_milestones"]):
+        raise ConfigError(f"lr_milestones={','.join(map(str, v['lr_milestones']))} is not valid: expected epochs >= 1")
+    if v["threads"] < 0:
+        raise ConfigError(f"threads={v['threads']} is not valid: expected an int >= 1 (0 = torch's default)")
+    if len(set(v["seeds"])) != len(v["seeds"]):
+        raise ConfigError(f"seeds={','.join(map(str, v['seeds']))} lists a seed twice: list each seed once")
     if not 0 <= v["momentum"] < 1:
         raise ConfigError(f"momentum={v['momentum']} is not valid: expected 0 <= momentum < 1")
     if v["weight_decay"] < 0:
@@ -473,6 +489,8 @@ def validate(cfg: RunConfig, registry: Any, dataset_size: int | None = None) -> 
     if v["model"] not in registry.models:
         raise ConfigError(f"model='{v['model']}' is not a registered model{suggest(v['model'], registry.models)} (available: {', '.join(sorted(registry.models))})")
     if dataset_size is not None:
+        if dataset_size < 1:
+            raise ConfigError("the training set is empty: raise n_samples= or subset= (0 = the source's default)")
         for k in ("batch_size",):
             if v[k] > dataset_size:
                 raise ConfigError(f"{k}={v[k]} is larger than the training set ({dataset_size} samples): choose {k} <= {dataset_size}")

@@ -99,9 +99,7 @@ class Console:
 
 
 def run_config_dict(cfg: RunConfig, entry: Entry, seed: int) -> dict[str, Any]:
-    d = cfg.to_dict(entry, seed)
-    d["policy"] = entry.name
-    return d
+    return cfg.to_dict(entry, seed)  # "policy" stays the run's entry list: report order
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +123,13 @@ def run_one(
         ctx = suite_context(cfg, data.train_size, seed)
         torch.manual_seed(seed)
         model_builder = registry.models[v["model"]][0]
-        model = model_builder(data.num_classes, data.input_shape, dict(v)).to(device)
+        try:
+            model = model_builder(data.num_classes, data.input_shape, dict(v)).to(device)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ConfigError(
+                f"model={v['model']} cannot be built for dataset={v['dataset']} "
+                f"(input {data.input_shape}, {data.num_classes} classes): {str(exc).splitlines()[0]}"
+            ) from None
         channels_last = device.type == "cuda" and len(data.input_shape) == 3
         if channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -166,3 +166,36 @@ def test_malformed_suite_yaml_through_cli(tmp_path, monkeypatch) -> None:
     res = run_cli("run", "suite=broken", f"results_dir={tmp_path / 'r'}", "-q")
     assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
     assert "broken.yaml line 3 is not valid YAML" in res.output and "suiteplug" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["run", "--bogus"], "No such option '--bogus'"),
+        (["compare", "only-one"], "Missing argument 'NEW'"),
+        (["run", "suite=synthetic", "lr=inf"], "expected a finite number > 0"),
+        (["run", "suite=synthetic", "lr_schedule=multistep"], "needs lr_milestones="),
+        (["run", "suite=synthetic", "lr_gamma=-1"], "lr_gamma=-1.0 is not valid"),
+        (["run", "suite=synthetic", "threads=-1"], "threads=-1 is not valid"),
+        (["run", "suite=synthetic", "policy=sgd-small,sgd-small"], "names 'sgd-small' twice"),
+        (["run", "suite=synthetic", "seeds=0,0"], "lists a seed twice"),
+        (["run", "suite=synthetic", "policy=sgd-small", "adabatch.variant=foo"], "expected paper | original"),
+        (["run", "suite=synthetic", "n_samples=1"], "the training set is empty"),
+        (["run", "suite=synthetic", "model=resnet18_cifar", "seeds=0"], "model=resnet18_cifar cannot be built"),
+        (["report", "results_dir=,"], "results_dir= is empty"),
+        (["sweep", "suite=mnist1d", "--out", "/nonexistent/dir/s.yaml"], "cannot write"),
+    ],
+)
+def test_more_user_errors_are_one_line(tmp_path, args, expect) -> None:
+    extra = [f"results_dir={tmp_path}", "wandb=off", "-q"] if args[0] == "run" and len(args) > 2 else []
+    res = run_cli(*args, *extra)
+    assert res.exit_code == 2, res.output
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("divebench: error: ") and expect in lines[0], res.output
+    assert not any(tmp_path.rglob("*-s*-*"))
+
+
+def test_entry_key_beats_policy_key(tmp_path) -> None:
+    cfg = _resolve("suite=synthetic", "policy=sgd,sgd-large", "sgd-large.batch_size=128", "sgd.batch_size=64")
+    sizes = {e.name: e.params["batch_size"] for e in cfg.entries}
+    assert sizes == {"sgd": 64, "sgd-large": 128}
