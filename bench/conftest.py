@@ -11,24 +11,15 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
 from pathlib import Path
 
 import pytest
 
+from divebench.results import cpu_model
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _DEFAULT_STORAGE = "file://./.benchmarks"  # pytest-benchmark's default
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _gpu_name() -> str:
@@ -42,7 +33,7 @@ def machine_id() -> str:
     GPU, torch version."""
     import torch
 
-    raw = f"{_cpu_model()}-{os.cpu_count()}cpu-{_gpu_name()}-torch{torch.__version__}"
+    raw = f"{cpu_model()}-{os.cpu_count()}cpu-{_gpu_name()}-torch{torch.__version__}"
     return re.sub(r"[^A-Za-z0-9.+]+", "-", raw).strip("-").lower()
 
 
@@ -64,7 +55,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     import torch
 
     machine_info["divebench_machine_id"] = machine_id()
-    machine_info["cpu_model"] = _cpu_model()
+    machine_info["cpu_model"] = cpu_model()
     machine_info["gpu"] = _gpu_name()
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()

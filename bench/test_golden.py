@@ -31,6 +31,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from divebench.results import cpu_model
+
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 # suite -> the settings on top of the suite's own (entries, delta, resize_freq as shipped)
 GOLDEN_RUNS: dict[str, list[str]] = {
@@ -89,17 +91,7 @@ def record(results_dir: Path, suite: str) -> dict[str, Any]:
 
 def environment() -> dict[str, Any]:
     return {"torch": torch.__version__, "machine": platform.machine(), "torch_threads": 1,
-            "cpu": _cpu_model()}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+            "cpu": cpu_model()}
 
 
 def command(suite: str) -> str:
