@@ -55,7 +55,7 @@ def test_sigkill_mid_epoch_then_resume_matches_straight_run(tmp_path, policy) ->
     args = [*BASE, f"policy={policy}", "epochs=5"]
     subprocess.run(_cli(*args, f"results_dir={straight}"), check=True, timeout=600)
     proc = subprocess.Popen(_cli(*args, f"results_dir={killed}"))
-    run = _wait_rows(killed, 2, proc)
+    run = _wait_rows(killed, 1, proc)  # epoch 2 (B=16, measured) is long: the kill lands in it
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads((run / "summary.json").read_text())["status"] == "running"
