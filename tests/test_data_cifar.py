@@ -5,10 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
-import threading
-from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -137,24 +133,6 @@ def test_labels_out_of_range_are_refused(tmp_path: Path) -> None:
     cifar.write_cifar_files(cifar.CIFAR10_SPEC, tmp_path, x, np.full(10, 42), x, np.zeros(10))
     with pytest.raises(DataError, match=r"labels outside \[0, 10\)"):
         cifar.build_cifar10(_opts(tmp_path), CPU, 0)
-
-
-@pytest.fixture
-def local_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """An HTTP server on 127.0.0.1 serving a temporary folder: (base URL, folder)."""
-    folder = tmp_path / "served"
-    folder.mkdir()
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", folder
-    server.shutdown()
-    server.server_close()
 
 
 def test_download_fetches_and_extracts_the_archive(

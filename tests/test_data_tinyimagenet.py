@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import threading
 import zipfile
-from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -153,23 +149,6 @@ def test_missing_tree_gives_one_line_with_the_way_out(tmp_path: Path) -> None:
     assert "\n" not in msg
     assert f"Tiny-ImageNet files not found under {tmp_path / 'none'}" in msg
     assert "tiny-imagenet-200/wnids.txt" in msg and "download=true" in msg
-
-
-@pytest.fixture
-def local_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """An HTTP server on 127.0.0.1 serving a temporary folder: (base URL, folder)."""
-    folder = tmp_path / "served"
-    folder.mkdir()
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", folder
-    server.shutdown()
-    server.server_close()
 
 
 def test_download_fetches_checks_and_extracts_the_zip(
