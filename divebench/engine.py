@@ -9,6 +9,7 @@ goes on; a signal stops the suite after writing a checkpoint (status ``interrupt
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -151,12 +152,14 @@ def run_one(
             run_id, path = new_run_dir(Path(v["results_dir"]), cfg.suite.name, entry.name, seed)
             folder = RunFolder(path, run_id)
             folder.write_config(config)
-            folder.write_env(environment(device, registry.plugin_versions()) | {"data": data.info})
+            env = environment(device, registry.plugin_versions()) | {"data": data.info}
+            folder.write_env(env)
             state = None
         else:
             path, run_id = resume_dir, resume_dir.name
             folder = RunFolder(path, run_id)
             state = ckpt.load(path / ckpt.FILENAME, device)
+            env = read_env(path)
         setup = Setup(
             model=module, optimizer=optimizer, policy=policy, plugin=plugin, provider=provider,
             data=data, device=device, epochs=v["epochs"], base_lr=lr_schedule(v),
@@ -171,7 +174,7 @@ def run_one(
             folder.log(f"resumed from epoch {progress.epoch}" + (" (mid-epoch)" if epoch_state else ""))
         sink = sink_factory() if sink_factory is not None else None
         if sink is not None:
-            sink.start(path, config, json_env(path), v["wandb"], v["wandb_project"], cfg.suite.name,
+            sink.start(path, config, env, v["wandb"], v["wandb_project"], cfg.suite.name,
                        entry.policy, f"{entry.name}-{seed}", run_id, resume=state is not None)
         summary: dict[str, Any] = base_summary(folder, cfg, entry, seed)
         folder.write_summary(summary | {"status": "running"})
@@ -214,9 +217,8 @@ def run_one(
     return RunResult(run_id, path, entry.name, seed, status, summary)
 
 
-def json_env(path: Path) -> dict[str, Any]:
-    import json
-
+def read_env(path: Path) -> dict[str, Any]:
+    """The env.json of an existing run folder ({} if it is unreadable)."""
     try:
         return dict(json.loads((path / "env.json").read_text()))
     except (OSError, ValueError):
@@ -254,8 +256,6 @@ def find_resumable(cfg: RunConfig, entry: Entry, seed: int) -> tuple[str, Path |
     for d in root.glob(f"{entry.name}-s{seed}-*"):
         try:
             have = yaml.safe_load((d / "config.yaml").read_text())
-            import json
-
             status = json.loads((d / "summary.json").read_text()).get("status")
         except (OSError, ValueError, yaml.YAMLError):
             continue
