@@ -71,7 +71,7 @@ KEYS: dict[str, Key] = {
     "momentum": Key(float, 0.9, "SGD momentum", "train"),
     "weight_decay": Key(float, 0.0, "SGD weight decay", "train"),
     "nesterov": Key(bool, False, "Nesterov momentum", "train"),
-    "amp": Key(Literal["off", "bf16"], "off", "mixed precision (bf16 autocast on CUDA)", "train"),
+    "amp": Key(Literal["off", "bf16"], "off", "mixed precision: bf16 autocast on the training device (CUDA; or a CPU with native bf16, e.g. AVX512-BF16/AMX)", "train"),
     "compile": Key(bool, False, "torch.compile the model", "train"),
     "threads": Key(int, 0, "CPU threads for torch (0 = torch's default); 1 avoids thread contention on a busy machine", "run"),
     # scoring

@@ -86,8 +86,8 @@ def _evaluate(s: Setup) -> EvalResult:
 
 
 def _autocast(s: Setup) -> Any:
-    if s.amp == "bf16" and s.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if s.amp == "bf16":
+        return torch.autocast(s.device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

@@ -1,0 +1,75 @@
+"""The speed paths that also run on CPU: channels_last image models and ``amp=bf16``.
+
+Image runs train in channels_last on every device, and ``amp=bf16`` autocasts on the
+training device, CPU included. The per-sample statistics must give the same numbers in
+either layout, and close ones under bf16; a whole suite must run with both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import read_rows, run_cli
+
+from divebench.models.resnet import build_resnet18_cifar
+from divebench.stats import make_provider
+from divebench.stats.reference import drive_epoch
+
+
+def _exact_stats(layout: str, amp: bool, bn: str = "contribution") -> tuple[float, float]:
+    """Σ||g_i||² and ||Σ B_t ḡ_t||² of one measured epoch at fixed weights."""
+    torch.manual_seed(0)
+    model = build_resnet18_cifar(10, (3, 32, 32), {})
+    x = torch.randn(12, 3, 16, 16)
+    y = torch.randint(0, 10, (12,))
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    provider = make_provider("exact", bn=bn)
+    module = provider.wrap(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # fixed weights: every variant sees the same model
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+    with ctx:
+        (stats,) = drive_epoch(provider, module, opt, x, y, batch_size=4)
+    assert stats is not None
+    return stats.sum_sq_norms, stats.grad_sum_sq_norm
+
+
+@pytest.mark.parametrize("bn", ["contribution", "paper"])
+def test_exact_statistics_do_not_depend_on_the_memory_layout(bn: str) -> None:
+    contiguous = _exact_stats("contiguous", amp=False, bn=bn)
+    channels_last = _exact_stats("channels_last", amp=False, bn=bn)
+    assert channels_last == pytest.approx(contiguous, rel=1e-4)  # float32 summation order only
+
+
+def test_exact_statistics_under_cpu_bf16_autocast_are_close_to_float32() -> None:
+    full = _exact_stats("channels_last", amp=False)
+    bf16 = _exact_stats("channels_last", amp=True)
+    assert all(v > 0 for v in bf16)
+    # bf16 keeps 8 bits of mantissa: the activations and backprops are rounded to ~0.4 %,
+    # and the norms summed over 11M parameters stay within a few percent
+    assert bf16 == pytest.approx(full, rel=0.05)
+    assert bf16 != full  # autocast really ran in bf16
+
+
+@pytest.mark.slow
+def test_cifar10_suite_runs_every_policy_with_bf16_on_cpu(tmp_path: Path) -> None:
+    res = run_cli("run", "suite=cifar10", "data=fake", "epochs=2", "subset=64", "seeds=1", "device=cpu",
+                  "amp=bf16", "threads=1", "batch_size=16", "max_batch_size=64", "divebatch.resize_freq=1",
+                  "adabatch.resize_freq=1", f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q")
+    assert res.exit_code == 0, res.output
+    runs = sorted((tmp_path / "cifar10").iterdir())
+    assert len(runs) == 4
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "complete", summary
+        assert json.loads((run / "env.json").read_text())["memory_format"] == "channels_last"
+        assert yaml.safe_load((run / "config.yaml").read_text())["amp"] == "bf16"
+        rows = read_rows(run)
+        assert all(0.0 <= r["val_acc"] <= 1.0 and r["train_loss"] == r["train_loss"] for r in rows)
+        if summary["entry"] == "divebatch":
+            assert rows[0]["measured"] and rows[0]["n_grad_diversity"] > 0
