@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import read_rows, run_cli
+from torch import nn
 
 from divebench.models.resnet import build_resnet18_cifar
 from divebench.stats import make_provider
@@ -73,3 +74,32 @@ def test_cifar10_suite_runs_every_policy_with_bf16_on_cpu(tmp_path: Path) -> Non
         assert all(0.0 <= r["val_acc"] <= 1.0 and r["train_loss"] == r["train_loss"] for r in rows)
         if summary["entry"] == "divebatch":
             assert rows[0]["measured"] and rows[0]["n_grad_diversity"] > 0
+
+
+@pytest.mark.parametrize("mode", ["contribution", "paper"])
+def test_batchnorm_sampler_reduces_channels_last_inputs_in_place(mode: str) -> None:
+    from divebench.stats import bn
+
+    torch.manual_seed(0)
+    layer = nn.BatchNorm2d(6)
+    layer.running_mean.uniform_(-1, 1)
+    layer.running_var.uniform_(0.5, 2)
+    bn.set_bn_mode(layer, mode)
+    x = torch.randn(5, 6, 7, 3)
+    d = torch.randn(5, 6, 7, 3)
+    x_cl, d_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, d))
+    assert bn._is_channels_last(x_cl) and not bn._is_channels_last(x)
+    ref = bn.compute_batch_norm_grad_sample(layer, [x], d)
+    got = bn.compute_batch_norm_grad_sample(layer, [x_cl], d_cl)
+    mixed = bn.compute_batch_norm_grad_sample(layer, [x_cl], d)  # one side NCHW: the copying path
+    for p in (layer.weight, layer.bias):
+        assert got[p].shape == (5, 6)
+        torch.testing.assert_close(got[p], ref[p], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[p], ref[p], rtol=1e-5, atol=1e-5)
+    # and the terms are what the module doc defines: Σ_s δ·x̂ with the batch (or running) statistics
+    if mode == "contribution":
+        xhat = (x - x.mean((0, 2, 3), keepdim=True)) / (x.var((0, 2, 3), unbiased=False, keepdim=True) + layer.eps).sqrt()
+    else:
+        xhat = (x - layer.running_mean[None, :, None, None]) / (layer.running_var[None, :, None, None] + layer.eps).sqrt()
+    torch.testing.assert_close(got[layer.weight], (d * xhat).sum((2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[layer.bias], d.sum((2, 3)))

@@ -83,19 +83,57 @@ def bn_mode_of(layer: nn.Module) -> str:
     return getattr(layer, _MODE_ATTR, "contribution")
 
 
-def _batch_moments(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x − batch mean per channel, and 1/sqrt(biased variance + eps), for x (n, C, S).
+def _flatten(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` (n, C, *spatial) as (n, S, C) when ``channels_last``, else (n, C, S); a view
+    of a tensor in that layout (a reshape across the layout would copy the activation)."""
+    n, c = t.shape[:2]
+    return t.movedim(1, -1).reshape(n, -1, c) if channels_last else t.reshape(n, c, -1)
+
+
+def _sum_positions(a: torch.Tensor, b: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Σ_s a·b per (sample, channel) of two flattened tensors: (n, C).
+
+    (n, C, S): one batched multiply-reduce (einsum). (n, S, C): multiply, then sum over
+    S; einsum would first permute both inputs to (n, C, S) copies, which took 2.2× as
+    long on a (128, 64, 32, 32) channels_last input on 2 CPU cores.
+    """
+    if channels_last:
+        return (a * b).sum(dim=1)
+    return torch.einsum("ncs,ncs->nc", a, b)
+
+
+def _batch_moments(
+    x: torch.Tensor, eps: float, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x − batch mean per channel, and 1/sqrt(biased variance + eps), for a flattened x.
 
     Two passes (mean, then the centred second moment) in float32 over each sample's S
     positions, combined over samples in float64. ``torch.var_mean`` alone took longer
     than BatchNorm's own forward on one CPU core; with this the whole sampler took
     42 ms instead of 106 ms on a (512, 16, 32, 32) input.
     """
-    count = x.shape[0] * x.shape[2]
-    mean = x.sum(dim=2).to(torch.float64).sum(dim=0) / count
-    centred = x - mean.to(x.dtype)[None, :, None]
-    var = torch.einsum("ncs,ncs->nc", centred, centred).to(torch.float64).sum(dim=0) / count
+    sdim = 1 if channels_last else 2
+    count = x.shape[0] * x.shape[sdim]
+    mean = x.sum(dim=sdim).to(torch.float64).sum(dim=0) / count
+    centred = x - _per_channel(mean.to(x.dtype), channels_last)
+    var = _sum_positions(centred, centred, channels_last).to(torch.float64).sum(dim=0) / count
     return centred, (var + eps).rsqrt()
+
+
+def _per_channel(v: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A (C,) vector shaped to broadcast against a flattened tensor."""
+    return v[None, None, :] if channels_last else v[None, :, None]
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """True for a 4-D/5-D tensor laid out channels-last and not also NCHW-contiguous."""
+    if t.dim() == 4:
+        fmt = torch.channels_last
+    elif t.dim() == 5:
+        fmt = torch.channels_last_3d
+    else:
+        return False
+    return t.is_contiguous(memory_format=fmt) and not t.is_contiguous()
 
 
 @register_grad_sampler(list(_BN_TYPES))
@@ -109,24 +147,26 @@ def compute_batch_norm_grad_sample(
     ``activations[0]`` is the layer's input as captured in the forward pass (the very
     batch whose statistics normalised it); ``backprops`` is δ, the gradient w.r.t. the
     layer's output, scaled as the caller chose (Opacus multiplies it by the batch size
-    for a mean-reduced loss). The terms are linear in ``backprops``.
+    for a mean-reduced loss). The terms are linear in ``backprops``. Inputs in the
+    channels_last layout are reduced in that layout, without a copy.
     """
     x = activations[0]
     if x.dtype != backprops.dtype:
         x = x.to(backprops.dtype)
-    n, c = x.shape[:2]
-    x = x.reshape(n, c, -1)
-    d = backprops.reshape(n, c, -1)
+    cl = _is_channels_last(x) and _is_channels_last(backprops)
+    x = _flatten(x, cl)
+    d = _flatten(backprops, cl)
+    sdim = 1 if cl else 2
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight is not None and layer.weight.requires_grad:
         have_running = layer.running_mean is not None and layer.running_var is not None
         if bn_mode_of(layer) == "paper" and have_running:
-            centred = x - layer.running_mean.to(x.dtype)[None, :, None]
+            centred = x - _per_channel(layer.running_mean.to(x.dtype), cl)
             rstd = (layer.running_var.to(torch.float64) + layer.eps).rsqrt()
         else:
-            centred, rstd = _batch_moments(x, layer.eps)
-        # Σ_s δ·x̂ = rstd_c · Σ_s δ·(x − μ_c): one fused multiply-reduce, no x̂ tensor.
-        out[layer.weight] = torch.einsum("ncs,ncs->nc", d, centred) * rstd.to(x.dtype)
+            centred, rstd = _batch_moments(x, layer.eps, cl)
+        # Σ_s δ·x̂ = rstd_c · Σ_s δ·(x − μ_c): one multiply-reduce, no x̂ tensor.
+        out[layer.weight] = _sum_positions(d, centred, cl) * rstd.to(x.dtype)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = d.sum(dim=2)
+        out[layer.bias] = d.sum(dim=sdim)
     return out
