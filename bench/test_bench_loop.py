@@ -1,21 +1,12 @@
 """Same-run ratio gates on what the harness itself costs (thresholds: bench/thresholds.py).
 
-Every gate times a subject and a reference in this process, interleaved (ABBA order, so
-a slow drift of the machine's load hits both sides alike), after one untimed warm-up of
-each; the ratio is the median over repetitions of subject/reference of the same pair. A
-gate that fails is measured again with more pairs (up to 3x) before it is declared failed.
-
-Timer: CPU time of this process (``time.process_time``, user + system) with torch on one
-thread, on both sides. On a shared 2-core machine the wall time of a repetition was seen
-to vary 5× with other processes' load (a ratio of wall times then measures the
-neighbours, not the harness), while the CPU time a process spends is what it does
-itself. One thread keeps OpenMP's spin-waiting, whose CPU cost also depends on the
-neighbours, out of the count. The harness is timed by its own clock, whose timer is
+Timing is bench/gates.py's: subject and reference interleaved ABBA in this process,
+CPU time with torch on one thread, the median of paired ratios, a failing gate
+re-measured with more pairs. The harness is timed by its own clock, whose timer is
 switched to the same CPU time (``CpuClock``), so both sides use one timer around the
-same work. CPU time misses a loop that waits (a sleep, a blocking write, a device
-synchronisation): the same pairs' wall-time ratio is gated too, by the looser
-``WALL_RATIO_LIMIT`` that the neighbours' noise cannot reach. The absolute times of each
-gate are kept by pytest-benchmark.
+same work. The same pairs' wall-time ratio is gated too, by the looser
+``WALL_RATIO_LIMIT``, so a loop that waits instead of computing is caught. The absolute
+times of each gate are kept by pytest-benchmark.
 
 - ``loop_overhead_b32`` / ``loop_overhead_b256``: divebench's training loop run exactly
   as ``divebench run`` runs it (``engine.run_one``, policy sgd, no statistics provider,
@@ -39,12 +30,9 @@ gate are kept by pytest-benchmark.
 
 from __future__ import annotations
 
-import gc
-import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +40,8 @@ import pytest
 import torch
 
 # bench/ (no __init__.py) is on sys.path under pytest's default import mode
-from thresholds import THRESHOLDS, WALL_RATIO_LIMIT
+from gates import GateResult, Timing, one_thread, paired_ratio
+from thresholds import WALL_RATIO_LIMIT
 from torch import nn
 
 from divebench.clock import Clock
@@ -73,49 +62,6 @@ LOOP_SETTINGS = {32: {"epochs": 1}, 256: {"epochs": 4}}  # ~0.2 s of training ea
 POLICY_EPOCHS = 1  # at B=32: per-step costs (hooks, decisions) weigh most at small batches
 REPS = 20
 MAX_ROUNDS = 3  # a failing gate is re-measured up to 3 x REPS pairs (see paired_ratio)
-
-
-Timing = tuple[float, float]  # (CPU seconds, wall seconds) of one side's timed work
-
-
-@dataclass
-class GateResult:
-    """One ratio gate's outcome: medians of the paired subject/reference ratios, of CPU
-    time (gated by ``threshold``) and of wall time (gated by ``wall_limit``)."""
-
-    name: str
-    ratio: float
-    threshold: float
-    wall_ratio: float
-    wall_limit: float
-    subject_s: list[float] = field(default_factory=list)  # CPU seconds
-    reference_s: list[float] = field(default_factory=list)
-    subject_wall_s: list[float] = field(default_factory=list)
-    reference_wall_s: list[float] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return self.ratio <= self.threshold and self.wall_ratio <= self.wall_limit
-
-    def message(self) -> str:
-        verdict = "ok" if self.passed else "FAILED"
-        return (
-            f"gate {self.name}: {verdict}: CPU-time ratio {self.ratio:.3f} (threshold {self.threshold:.2f}), "
-            f"wall-time ratio {self.wall_ratio:.3f} (limit {self.wall_limit:.2f}); "
-            f"subject median {statistics.median(self.subject_s):.3f} s CPU, "
-            f"reference median {statistics.median(self.reference_s):.3f} s CPU, "
-            f"over {len(self.subject_s)} interleaved pairs; paired CPU ratios "
-            f"{sorted(round(a / b, 3) for a, b in zip(self.subject_s, self.reference_s, strict=True))}"
-        )
-
-    def info(self) -> dict[str, Any]:
-        """For pytest-benchmark's extra_info (kept with the absolute timings)."""
-        return {
-            "gate": self.name, "ratio": self.ratio, "threshold": self.threshold,
-            "wall_ratio": self.wall_ratio, "wall_limit": self.wall_limit, "passed": self.passed,
-            "subject_cpu_s": self.subject_s, "reference_cpu_s": self.reference_s,
-            "subject_wall_s": self.subject_wall_s, "reference_wall_s": self.reference_wall_s,
-        }
 
 
 class CpuClock(Clock):
@@ -150,54 +96,13 @@ def gate_conditions() -> Iterator[None]:
     """One torch thread and the CPU-time clock in the engine, for the gate's duration."""
     from divebench import engine
 
-    threads = torch.get_num_threads()
     saved = engine.Clock
-    torch.set_num_threads(1)
     engine.Clock = CpuClock  # type: ignore[misc]
     try:
-        yield
+        with one_thread():
+            yield
     finally:
         engine.Clock = saved  # type: ignore[misc]
-        torch.set_num_threads(threads)
-
-
-def _median_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
-
-
-def paired_ratio(
-    name: str, subject: Callable[[], Timing], reference: Callable[[], Timing], reps: int = REPS,
-    threshold: float | None = None, max_rounds: int = MAX_ROUNDS,
-) -> GateResult:
-    """Time ``subject`` against ``reference`` (each returns its own CPU and wall seconds),
-    interleaved ABBA after one warm-up of each; the gate's ratios are the medians of the
-    paired ratios.
-
-    A gate that fails is measured again, ``reps`` more pairs at a time up to
-    ``max_rounds`` rounds, and judged on the median over all pairs: a real slowdown stays
-    above the threshold, a burst of load from other processes is outvoted."""
-    limit = THRESHOLDS[name][0] if threshold is None else threshold
-    with gate_conditions():
-        subject()
-        reference()
-        subj: list[Timing] = []
-        ref: list[Timing] = []
-        for _ in range(max_rounds):
-            for r in range(reps):
-                gc.collect()  # a collection triggered by one side must not land in the other
-                if r % 2 == 0:
-                    s, f = subject(), reference()
-                else:
-                    f, s = reference(), subject()
-                subj.append(s)
-                ref.append(f)
-            cpu_s, cpu_r = [t[0] for t in subj], [t[0] for t in ref]
-            wall_s, wall_r = [t[1] for t in subj], [t[1] for t in ref]
-            result = GateResult(name, _median_ratio(cpu_s, cpu_r), limit, _median_ratio(wall_s, wall_r),
-                                WALL_RATIO_LIMIT, cpu_s, cpu_r, wall_s, wall_r)
-            if result.passed:
-                break
-    return result
 
 
 class Harness:
@@ -310,7 +215,7 @@ def loop_overhead_gate(
         return bare_loop(model, x, y, batch_size, epochs, h.data.x_val, bare_metrics)
 
     result = paired_ratio(name or f"loop_overhead_b{batch_size}", h.run, reference, reps,
-                          max_rounds=max_rounds)
+                          wall_limit=WALL_RATIO_LIMIT, max_rounds=max_rounds, conditions=gate_conditions)
     # the last harness and bare runs started from the same weights: they must end equal,
     # having reported the same training loss and accuracy on the way
     assert_same_weights(h.final_weights(), dict(last_bare[0].state_dict()), "harness vs bare loop")
@@ -326,7 +231,8 @@ def policy_epoch_gate(results_dir: Path, name: str, policy_overrides: dict[str, 
     common = {"epochs": str(epochs), "batch_size": str(batch_size), "max_batch_size": "1024"}
     subject = Harness(results_dir / "subject", common | policy_overrides)
     reference = Harness(results_dir / "reference", common | {"policy": "sgd"})
-    result = paired_ratio(name, subject.run, reference.run, reps)
+    result = paired_ratio(name, subject.run, reference.run, reps, wall_limit=WALL_RATIO_LIMIT,
+                          max_rounds=MAX_ROUNDS, conditions=gate_conditions)
     sizes = {r["batch_size"] for r in subject.last_rows}
     assert sizes == {batch_size}, f"{name}: the subject's batch size moved ({sorted(sizes)}); the gate compares equal batches"
     assert not any(r["measured"] for r in subject.last_rows), f"{name}: an epoch was measured"

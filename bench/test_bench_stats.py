@@ -7,13 +7,11 @@ against one *plain* epoch of an identical, unwrapped copy of the model at the sa
 size, with SGD (momentum 0.9). The microbatch provider's epoch includes the split of every
 batch into 4 micro-batches: that is what measuring costs it.
 
-Timing follows bench/test_bench_loop.py: CPU time of this process (``process_time``)
-with torch on one thread, since on a shared 2-core machine wall time moved 5× with the
-neighbours' load and OpenMP spin-waiting bills CPU to whoever waits; subject and
-reference interleaved ABBA after a warm-up of each (which also runs the exact
-provider's one-off choice of conv strategy per layer shape); the gate's ratio is the
-median of the paired ratios; a failing gate is re-measured with more pairs (up to 3×)
-and judged on all of them, so a burst of load is outvoted and a real slowdown is not.
+Timing is bench/gates.py's: CPU time of this process with torch on one thread, subject
+and reference interleaved ABBA after a warm-up of each (which also runs the exact
+provider's one-off choice of conv strategy per layer shape), the median of the paired
+ratios, a failing gate re-measured with more pairs (up to 3×) and judged on all of
+them. Only CPU time is gated here: both sides are plain compute in this process.
 
 Models (built here, so the benchmark does not move when the suites' models do):
 
@@ -37,17 +35,13 @@ float64 gradient sum). The ratio is measured-epoch peak over plain-epoch peak.
 from __future__ import annotations
 
 import copy
-import gc
-import statistics
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from thresholds import THRESHOLDS  # bench/ is on sys.path under pytest
+from gates import GateResult, one_thread, paired_ratio, timed  # bench/ is on sys.path under pytest
+from thresholds import THRESHOLDS
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -123,80 +117,6 @@ class Sides:
         drive_epoch(Plain(), self.plain_model, self.plain_opt, self.x, self.y, self.batch_size)
 
 
-@dataclass
-class GateResult:
-    """A ratio gate's outcome: ``ratio`` is the median of paired subject/reference."""
-
-    name: str
-    ratio: float
-    threshold: float
-    subject_s: list[float]
-    reference_s: list[float]
-
-    @property
-    def passed(self) -> bool:
-        return self.ratio <= self.threshold
-
-    def message(self) -> str:
-        pairs = sorted(
-            round(a / b, 3) for a, b in zip(self.subject_s, self.reference_s, strict=True)
-        )
-        return (
-            f"gate {self.name}: {'ok' if self.passed else 'FAILED'}: ratio {self.ratio:.3f} "
-            f"(threshold {self.threshold:.2f}); subject median "
-            f"{statistics.median(self.subject_s):.4f} s, reference median "
-            f"{statistics.median(self.reference_s):.4f} s over {len(pairs)} pairs; {pairs}"
-        )
-
-    def info(self) -> dict[str, Any]:
-        return {"gate": self.name, "ratio": self.ratio, "threshold": self.threshold,
-                "passed": self.passed, "subject_s": self.subject_s,
-                "reference_s": self.reference_s}  # fmt: skip
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def cpu_seconds(fn: Callable[[], None]) -> float:
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
-
-
-def paired_ratio(
-    name: str, subject: Callable[[], None], reference: Callable[[], None], reps: int,
-    max_rounds: int = 3,
-) -> GateResult:  # fmt: skip
-    """Median of subject/reference CPU-time ratios over ABBA-interleaved pairs."""
-    limit = THRESHOLDS[name][0]
-    with one_thread():
-        subject()
-        reference()
-        subj: list[float] = []
-        ref: list[float] = []
-        for _ in range(max_rounds):
-            for r in range(reps):
-                gc.collect()  # a collection caused by one side must not land in the other
-                if r % 2 == 0:
-                    s, f = cpu_seconds(subject), cpu_seconds(reference)
-                else:
-                    f, s = cpu_seconds(reference), cpu_seconds(subject)
-                subj.append(s)
-                ref.append(f)
-            ratios = [a / b for a, b in zip(subj, ref, strict=True)]
-            result = GateResult(name, statistics.median(ratios), limit, list(subj), list(ref))
-            if result.passed:
-                break
-    return result
-
-
 def peak_bytes(fn: Callable[[], None], module: nn.Module, opt: torch.optim.Optimizer) -> int:
     """Peak torch CPU bytes of ``fn`` (see the module docstring): state + in-epoch peak."""
     state = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
@@ -235,7 +155,7 @@ def test_measured_epoch_vs_plain(
     sides = Sides(model_name, provider, batch_size)
 
     def gate() -> GateResult:
-        return paired_ratio(name, sides.measured_epoch, sides.plain_epoch, REPS[model_name])
+        return paired_ratio(name, timed(sides.measured_epoch), timed(sides.plain_epoch), REPS[model_name])
 
     result = benchmark.pedantic(gate, rounds=1, iterations=1)
     benchmark.extra_info.update(result.info())

@@ -47,6 +47,7 @@ KEYS: dict[str, Key] = {
     "wandb": Key(Literal["off", "offline", "online", "auto"], "auto", "W&B mode; auto = online when logged in, else offline", "run"),
     "wandb_project": Key(str, "divebench", "W&B project", "run"),
     "resume": Key(str, "", "run id to resume, or 'auto' for the newest unfinished run of this config", "run"),
+    "keep_checkpoint": Key(bool, True, "keep checkpoint.pt (final weights and optimiser state) when a run completes; false deletes it (ResNet-18: about 90 MB a run)", "run"),
     # data and model
     "dataset": Key(str, "synthetic", "data source (registered by plugins)", "data"),
     "data": Key(Literal["real", "fake"], "real", "real files, or fake data of the same shapes (smoke runs, tests)", "data"),

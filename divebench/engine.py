@@ -38,7 +38,7 @@ from divebench.policy import InvalidDecision
 from divebench.results import ResultsError, RunFolder, environment, new_run_dir
 
 # Keys that do not change what a run computes: ignored when matching a run to resume.
-NON_RESULT_KEYS = {"resume", "results_dir", "wandb", "wandb_project", "policy", "seeds", "device", "threads"}
+NON_RESULT_KEYS = {"resume", "keep_checkpoint", "results_dir", "wandb", "wandb_project", "policy", "seeds", "device", "threads"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -216,6 +216,10 @@ def run_one(
         if sink is not None:
             summary["wandb"] = sink.finish(summary)
         folder.write_summary(summary)
+        if status == "complete" and not v["keep_checkpoint"]:
+            # only after the summary says complete: a crash in between leaves a
+            # resumable run, never a finished one without its final state
+            (path / ckpt.FILENAME).unlink(missing_ok=True)
     if status in ("failed", "diverged"):
         print(f"divebench: {label} {status}: {error}", file=sys.stderr)
     if status == "interrupted":

@@ -6,7 +6,8 @@ Files of a run folder (the record; W&B only mirrors it):
 - ``metrics.jsonl`` one JSON row per completed epoch (fields: ``METRIC_FIELDS``)
 - ``summary.json`` status (running / complete / diverged / interrupted / failed), final
   and best accuracy, totals, error
-- ``checkpoint.pt`` latest end-of-epoch (or signal-time) checkpoint, for resume
+- ``checkpoint.pt`` latest end-of-epoch (or signal-time) checkpoint, for resume; kept
+  after the run completes unless ``keep_checkpoint=false``
 - ``run.log``      warnings and, for a failed run, the traceback
 
 Every file is replaced atomically (write to a temporary file in the same folder, fsync,

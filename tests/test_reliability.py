@@ -160,3 +160,21 @@ def test_atomic_write_keeps_old_file_on_enospc(tmp_path, monkeypatch) -> None:
     with pytest.raises(ResultsError, match="No space left on device; free some space"):
         atomic_write_text(f, "new")
     assert f.read_text() == "old" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_keep_checkpoint_false_deletes_it_only_when_the_run_completes(tmp_path) -> None:
+    common = ("suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=2", "n_samples=600", "wandb=off",
+              "--no-report", "-q")
+    res = run_cli("run", *common, f"results_dir={tmp_path / 'kept'}")
+    assert res.exit_code == 0, res.output
+    (run,) = (tmp_path / "kept" / "synthetic").iterdir()
+    assert (run / "checkpoint.pt").exists()  # the default keeps the final state
+    res = run_cli("run", *common, "keep_checkpoint=false", f"results_dir={tmp_path / 'dropped'}")
+    assert res.exit_code == 0, res.output
+    (run,) = (tmp_path / "dropped" / "synthetic").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    assert not (run / "checkpoint.pt").exists()
+    assert len(read_rows(run)) == 2
+    # the key does not change what the run is: resume=auto still finds it complete
+    res = run_cli("run", *common, "resume=auto", f"results_dir={tmp_path / 'dropped'}")
+    assert res.exit_code == 0 and len(list((tmp_path / "dropped" / "synthetic").iterdir())) == 1
