@@ -49,7 +49,9 @@ THRESHOLDS: dict[str, tuple[float, float, str]] = {
     "stats_exact_mnist1d_b512_peak_memory": (2.0, 1.713, "2026-11-29"),
     "stats_epoch_mnist1d_b512_peak_memory": (2.0, 1.009, "2026-11-29"),
     "stats_microbatch_mnist1d_b512_peak_memory": (2.0, 0.279, "2026-11-29"),
-    "stats_exact_cifar_b512_peak_memory": (2.0, 1.094, "2026-11-29"),
+    # the exact provider's conv strategy is picked by timing per layer shape; the
+    # grouped-convolution pick peaks higher than the matmul one: 1.094 or 1.188 here
+    "stats_exact_cifar_b512_peak_memory": (2.0, 1.188, "2026-11-29"),
     "stats_epoch_cifar_b512_peak_memory": (2.0, 1.0, "2026-11-29"),
     "stats_microbatch_cifar_b512_peak_memory": (2.0, 0.251, "2026-11-29"),
     # bench/test_bench_layout.py: one SGD step of the CIFAR ResNet-18 at B=32 in

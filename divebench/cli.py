@@ -107,7 +107,7 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
     Examples:
       divebench run                                   # mnist1d, every entry, its seeds
       divebench run suite=synthetic policy=divebatch seeds=0 divebatch.delta=0.05
-      divebench run suite=cifar data=fake epochs=2 subset=512
+      divebench run suite=cifar data=fake epochs=2 subset=512 seeds=1 amp=bf16
       divebench run suite=mnist1d resume=auto         # continue after a crash
 
     Keys: run keys (divebench run --keys), and policy keys as <policy>.<key>=VALUE or
