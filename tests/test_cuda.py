@@ -21,7 +21,7 @@ def test_cifar10_fake_on_cuda_every_policy(tmp_path, amp) -> None:
         summary = json.loads((run / "summary.json").read_text())
         assert summary["status"] == "complete", summary
         env = json.loads((run / "env.json").read_text())
-        assert env["cuda"] and "cuda" in env["device"]
+        assert env["cuda"] and "cuda" in env["device"] and env["memory_format"] == "channels_last"
         for r in read_rows(run):
             assert r["peak_memory_mb"] > 0
             total = r["train_time_s"] + r["eval_time_s"] + r["other_time_s"]
