@@ -107,6 +107,31 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _use_channels_last(input_shape: tuple[int, ...], device: torch.device, resume_dir: Path | None) -> bool:
+    """Whether the run's model trains in channels_last.
+
+    Image models (3-D inputs) do, on every device: on CUDA for cudnn's NHWC kernels, on
+    CPU for oneDNN's (the CIFAR ResNet-18's step took 0.84-0.95x the time of the NCHW step
+    on 2 CPU cores; README "Smoke runs and speed on CPU", bench/test_bench_layout.py).
+    Numerics are the same up to float summation order (tests/test_resnet.py). A resumed
+    run keeps the layout it started with (env.json), so it replays as it would have
+    gone on; runs from before env.json recorded it used channels_last on CUDA only.
+    """
+    if len(input_shape) != 3:
+        return False
+    if resume_dir is not None:
+        recorded = read_env(resume_dir).get("memory_format")
+        if recorded is not None:
+            return bool(recorded == "channels_last")
+        return device.type == "cuda"
+    return True
+
+
 def run_one(
     cfg: RunConfig, registry: Any, entry: Entry, seed: int, data: DataBundle, device: torch.device,
     console: Console, resume_dir: Path | None = None, sink_factory: Callable[[], Any] | None = None,
@@ -131,11 +156,7 @@ def run_one(
                 f"model={v['model']} cannot be built for dataset={v['dataset']} "
                 f"(input {data.input_shape}, {data.num_classes} classes): {str(exc).splitlines()[0]}"
             ) from None
-        # image models train in channels_last on every device: on CUDA for cudnn's NHWC
-        # kernels, on CPU for oneDNN's (the CIFAR ResNet-18's step took 0.84x the time of
-        # the NCHW step on 2 CPU cores, README "Speed on CPU"); numerics are the same up
-        # to float summation order (tests/test_resnet.py)
-        channels_last = len(data.input_shape) == 3
+        channels_last = _use_channels_last(data.input_shape, device, resume_dir)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         policy = policy_cls(make_policy_config(entry, registry), ctx)
@@ -173,6 +194,8 @@ def run_one(
             amp=v["amp"], channels_last=channels_last,
             log=lambda msg: (folder.log(msg), console.line(f"  {msg}")),
         )
+        if v["amp"] == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+            setup.log("amp=bf16: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 runs slower than amp=off here")
         progress, epoch_state = (None, None)
         if state is not None:
             progress, epoch_state = ckpt.restore(state, setup, clock)

@@ -21,6 +21,17 @@ from divebench.stats import make_provider
 from divebench.stats.reference import drive_epoch
 
 
+class _ForwardAutocast(nn.Module):
+    def __init__(self, module: nn.Module, enabled: bool) -> None:
+        super().__init__()
+        self.module = module
+        self.enabled = enabled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.enabled):
+            return self.module(x).float()
+
+
 def _exact_stats(layout: str, amp: bool, bn: str = "contribution") -> tuple[float, float]:
     """Σ||g_i||² and ||Σ B_t ḡ_t||² of one measured epoch at fixed weights."""
     torch.manual_seed(0)
@@ -33,9 +44,8 @@ def _exact_stats(layout: str, amp: bool, bn: str = "contribution") -> tuple[floa
     provider = make_provider("exact", bn=bn)
     module = provider.wrap(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # fixed weights: every variant sees the same model
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
-    with ctx:
-        (stats,) = drive_epoch(provider, module, opt, x, y, batch_size=4)
+    # as divebench.loop does it: the forward under autocast, the backward outside it
+    (stats,) = drive_epoch(provider, _ForwardAutocast(module, amp), opt, x, y, batch_size=4)
     assert stats is not None
     return stats.sum_sq_norms, stats.grad_sum_sq_norm
 
@@ -89,6 +99,8 @@ def test_batchnorm_sampler_reduces_channels_last_inputs_in_place(mode: str) -> N
     d = torch.randn(5, 6, 7, 3)
     x_cl, d_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, d))
     assert bn._is_channels_last(x_cl) and not bn._is_channels_last(x)
+    assert bn._flatten(x_cl, True).data_ptr() == x_cl.data_ptr()  # a view: nothing copied
+    assert bn._flatten(x_cl, True).is_contiguous()
     ref = bn.compute_batch_norm_grad_sample(layer, [x], d)
     got = bn.compute_batch_norm_grad_sample(layer, [x_cl], d_cl)
     mixed = bn.compute_batch_norm_grad_sample(layer, [x_cl], d)  # one side NCHW: the copying path
@@ -138,3 +150,34 @@ def test_compile_true_gives_the_same_divebatch_run(tmp_path: Path) -> None:
         assert a["measured"] and b["measured"]
         assert a["n_grad_diversity"] == pytest.approx(b["n_grad_diversity"], rel=1e-4)
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1e-3)
+
+
+def test_a_resumed_run_keeps_the_layout_it_started_with(tmp_path: Path) -> None:
+    from divebench.engine import _use_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _use_channels_last((3, 32, 32), cpu, None)  # new image runs: channels_last
+    assert not _use_channels_last((40,), cpu, None)  # 1-D inputs: as they are
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "env.json").write_text(json.dumps({"memory_format": "contiguous"}))
+    assert not _use_channels_last((3, 32, 32), cpu, run)
+    (run / "env.json").write_text(json.dumps({"memory_format": "channels_last"}))
+    assert _use_channels_last((3, 32, 32), cpu, run)
+    # a run from before env.json recorded the layout: channels_last was CUDA-only then
+    (run / "env.json").write_text(json.dumps({"device": "cpu"}))
+    assert not _use_channels_last((3, 32, 32), cpu, run)
+    assert _use_channels_last((3, 32, 32), cuda, run)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from divebench import engine
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    res = run_cli("run", "suite=synthetic", "dataset=cifar10", "data=fake", "subset=64", "model=small_cnn",
+                  "policy=sgd-small", "seeds=0", "epochs=1", "batch_size=32", "amp=bf16", "device=cpu",
+                  f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q")
+    assert res.exit_code == 0, res.output
+    (run,) = (tmp_path / "synthetic").iterdir()
+    assert "amp=bf16: this CPU has no native bf16" in (run / "run.log").read_text()
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"

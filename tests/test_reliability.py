@@ -178,3 +178,12 @@ def test_keep_checkpoint_false_deletes_it_only_when_the_run_completes(tmp_path) 
     # the key does not change what the run is: resume=auto still finds it complete
     res = run_cli("run", *common, "resume=auto", f"results_dir={tmp_path / 'dropped'}")
     assert res.exit_code == 0 and len(list((tmp_path / "dropped" / "synthetic").iterdir())) == 1
+    # a run that does not complete keeps its last checkpoint whatever the key says: this
+    # one diverges in epoch 3, when the LR is multiplied by 1e38 (checkpoints of epochs 1-2)
+    res = run_cli("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=3", "n_samples=600",
+                  "keep_checkpoint=false", "lr_schedule=multistep", "lr_milestones=2", "lr_gamma=1e38",
+                  f"results_dir={tmp_path / 'diverged'}", "wandb=off", "--no-report", "-q")
+    assert res.exit_code == 0, res.output
+    (run,) = (tmp_path / "diverged" / "synthetic").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
+    assert len(read_rows(run)) == 2 and (run / "checkpoint.pt").exists()

@@ -151,6 +151,8 @@ def compute_batch_norm_grad_sample(
     channels_last layout are reduced in that layout, without a copy.
     """
     x = activations[0]
+    if backprops.dtype in (torch.float16, torch.bfloat16):
+        backprops = backprops.float()  # half precision (autocast): reduce in float32
     if x.dtype != backprops.dtype:
         x = x.to(backprops.dtype)
     cl = _is_channels_last(x) and _is_channels_last(backprops)
