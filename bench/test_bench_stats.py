@@ -51,7 +51,7 @@ from divebench.stats.reference import drive_epoch
 
 PROVIDERS = ("exact", "epoch", "microbatch")
 BATCH_SIZES = (128, 512)
-REPS = {"mnist1d": 16, "cifar": 5}  # pairs per gate (up to 3× when a gate is re-measured)
+REPS = {"mnist1d": 16, "cifar": 6}  # pairs per gate, even (ABBA blocks); (up to 3× when a gate is re-measured)
 
 
 
