@@ -77,3 +77,28 @@ def test_waiting_in_the_loop_fails_the_gate(gates: ModuleType, tmp_path: Path,
     assert not result.passed
     assert result.wall_ratio > max(result.wall_limit, 1.5)
     assert "FAILED" in result.message()
+
+
+def test_an_order_effect_within_pairs_cancels(gates: ModuleType) -> None:
+    """Sides of equal cost where whichever runs second takes 20 % less: the gate's
+    ratio is 1 (the median of single pairs would say 1.25 or 0.8 for an odd pair count)."""
+    import gates as shared  # bench/gates.py, on sys.path while the fixture is active
+
+    last: list[str] = []
+
+    def side(name: str) -> Any:
+        def run() -> tuple[float, float]:
+            second = bool(last) and last[-1] != name and len(last) % 2 == 1
+            last.append(name)
+            t = 0.8 if second else 1.0
+            return t, t
+
+        return run
+
+    result = shared.paired_ratio("loop_overhead_b32", side("subject"), side("reference"), reps=6, max_rounds=1,
+                                 wall_limit=1.3)
+    assert result.ratio == pytest.approx(1.0) and result.passed
+    single = sorted(a / b for a, b in zip(result.subject_s, result.reference_s, strict=True))
+    assert single[0] == pytest.approx(0.8) and single[-1] == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="even number of pairs"):
+        shared.paired_ratio("loop_overhead_b32", side("subject"), side("reference"), reps=5)
