@@ -164,15 +164,19 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
     try:
         for i, (c, entry, seed) in enumerate(matrix):
             resume_dir = targets.get(i)
+            label = f"[{c.suite.name} {entry.name} seed {seed}]"
+            position = f"run {i + 1}/{len(matrix)}"
             if resume == "auto":
                 kind, found = engine.find_resumable(c, entry, seed)
                 if kind == "complete":
-                    console.line(f"[{c.suite.name} {entry.name} seed {seed}] already complete: {found}")
+                    console.line(f"{label} already complete: {found} ({position})")
                     continue
                 resume_dir = found
-            console.line(f"[{c.suite.name} {entry.name} seed {seed}] {'resuming' if resume_dir else 'starting'} on {device}")
+            console.line(f"{label} {'resuming' if resume_dir else 'starting'} on {device} ({position})")
             with as_user_errors():
-                results.append(engine.run_one(c, reg, entry, seed, datas[c.suite.name], device, console, resume_dir, sink_factory))
+                result = engine.run_one(c, reg, entry, seed, datas[c.suite.name], device, console, resume_dir, sink_factory)
+            results.append(result)
+            console.finished(label, result.summary, position)
     except KeyboardInterrupt as exc:
         click.echo(f"divebench: interrupted: {exc}; continue with the same command and resume=auto", err=True)
         sys.exit(130)

@@ -80,13 +80,16 @@ class RunResult:
 
 
 class Console:
-    """Per-run progress: one line per epoch on a terminal; silent otherwise or when quiet."""
+    """Progress on stderr: a line when each run starts and ends (and for events such as
+    out-of-memory retries) wherever stderr goes, so a log file or CI job shows how far a
+    suite has got; on a terminal also one line per epoch. ``quiet`` silences all of it."""
 
     def __init__(self, quiet: bool) -> None:
-        self.enabled = not quiet and sys.stderr.isatty()
+        self.enabled = not quiet
+        self.per_epoch = not quiet and sys.stderr.isatty()
 
     def epoch(self, label: str, epochs: int, row: dict[str, Any]) -> None:
-        if self.enabled:
+        if self.per_epoch:
             print(
                 f"  {label} epoch {row['epoch']:>3}/{epochs}  B={row['batch_size']:<5} lr={row['lr']:.4g}"
                 f"  loss={row['train_loss']:.4f}  val_acc={100 * row['val_acc']:.2f}%"
@@ -97,6 +100,14 @@ class Console:
     def line(self, text: str) -> None:
         if self.enabled:
             print(text, file=sys.stderr, flush=True)
+
+    def finished(self, label: str, summary: dict[str, Any], position: str) -> None:
+        acc = summary.get("final_val_acc")
+        self.line(
+            f"{label} {summary.get('status')}: {summary.get('epochs_completed', 0)} epochs"
+            + (f", final val acc {100 * acc:.2f}%" if acc is not None else "")
+            + f", train {summary.get('train_time_s', 0.0):.1f}s, wall {summary.get('wall_time_s', 0.0):.1f}s ({position})"
+        )
 
 
 def run_config_dict(cfg: RunConfig, entry: Entry, seed: int) -> dict[str, Any]:

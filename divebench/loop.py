@@ -113,7 +113,8 @@ def train(
 ) -> Progress:
     """Train ``s.model`` for ``s.epochs`` epochs under ``s.policy``; returns the final
     progress. ``on_epoch(row)`` receives each epoch's metrics row (off the clock);
-    ``checkpoint`` is called after each epoch and at a signal's step boundary."""
+    ``checkpoint`` is called before the first epoch of a fresh run, after each epoch and
+    at a signal's step boundary."""
     p = progress or Progress()
     n = s.data.train_size
     sampler = PermutationSampler(n, s.seed, s.device)
@@ -129,6 +130,11 @@ def train(
     if threading.current_thread() is threading.main_thread():
         old_handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if progress is None:
+            # an epoch-0 checkpoint: a run killed before its first epoch's checkpoint
+            # resumes in its own folder instead of leaving a stale one behind
+            with clock.region("other"):
+                checkpoint(p, sampler, aug_gen, None)
         while p.epoch < s.epochs:
             epoch = p.epoch
             epoch_start_train_s = clock.train_time_s

@@ -49,6 +49,27 @@ def _wait_rows(run_root: Path, n: int, proc: subprocess.Popen, timeout_s: float 
     raise AssertionError("timed out waiting for epochs")
 
 
+def test_sigkill_in_the_first_epoch_resumes_in_the_same_folder(tmp_path) -> None:
+    """The epoch-0 checkpoint: a run killed before its first epoch ended is resumed, in
+    its own folder, and ends as a straight run does (no stale 'running' folder)."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = [*BASE, "policy=divebatch", "epochs=2"]
+    subprocess.run(_cli(*args, f"results_dir={straight}"), check=True, timeout=600)
+    proc = subprocess.Popen(_cli(*args, f"results_dir={killed}"))
+    t0 = time.time()
+    while not list(killed.glob("mnist1d/*/checkpoint.pt")):
+        assert proc.poll() is None and time.time() - t0 < 240, "no epoch-0 checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = _only_run(killed)
+    assert not (run / "metrics.jsonl").exists() or read_rows(run) == []  # killed inside epoch 1
+    subprocess.run(_cli(*args, f"results_dir={killed}", "resume=auto"), check=True, timeout=600)
+    assert _only_run(killed) == run
+    assert [_strip(r) for r in read_rows(_only_run(straight))] == [_strip(r) for r in read_rows(run)]
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+
+
 @pytest.mark.parametrize("policy", ["divebatch"])
 def test_sigkill_mid_epoch_then_resume_matches_straight_run(tmp_path, policy) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
