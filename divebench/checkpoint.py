@@ -1,7 +1,7 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped.
 
-Written atomically after every epoch, and at the next step boundary after SIGTERM or
-SIGINT (then with the position inside the epoch). Holds the model, optimiser, policy
+Written atomically before the first epoch of a fresh run, after every epoch, and at the
+next step boundary after SIGTERM or SIGINT (then with the position inside the epoch). Holds the model, optimiser, policy
 and statistics-provider state, the loop's progress, the clock totals and every RNG
 (torch CPU and CUDA; the sampler's permutation is a function of (seed, epoch) and the
 augmentation generator's state is stored). Resuming from an end-of-epoch checkpoint
