@@ -27,7 +27,8 @@ THRESHOLDS: dict[str, tuple[float, float, str]] = {
     # images/s of the device-resident CIFAR-10 pipeline (uint8 on the device, batched
     # crop/flip/normalise) over a torchvision DataLoader (2 workers, PIL transforms);
     # wall time (the DataLoader works in other processes). Three runs on the loaded
-    # development machine gave 11.5x, 15.5x and 20.5x; the median is recorded.
+    # development machine gave 11.5x, 15.5x and 20.5x (10.4x in a later run, ABBA-block
+    # median); the median of the three is recorded.
     "pipeline_vs_dataloader": (5.0, 15.5, "2026-11-29"),
     # gradient statistics (bench/test_bench_stats.py): one measured epoch vs one plain
     # epoch of an identical unwrapped model at the same batch size, CPU time, 1 thread.
