@@ -5,7 +5,9 @@ next step boundary after SIGTERM or SIGINT (then with the position inside the ep
 and statistics-provider state, the loop's progress, the clock totals and every RNG
 (torch CPU and CUDA; the sampler's permutation is a function of (seed, epoch) and the
 augmentation generator's state is stored). Resuming from an end-of-epoch checkpoint
-replays the rest of the run bit for bit on the CPU.
+replays the rest of the run bit for bit on the CPU, except the last digits of measured
+gradient statistics: the exact provider picks each conv layer's computation by timing,
+once per process, and equivalent computations round differently (seen: 1e-9 relative).
 """
 
 from __future__ import annotations

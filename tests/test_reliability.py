@@ -33,6 +33,23 @@ def _strip(obj):
     return obj
 
 
+# Measured statistics: the exact provider picks each conv layer's computation by timing,
+# once per process, and equivalent computations round differently in the last bits; a
+# resumed process may pick otherwise than the straight one did (seen: n·Δ̂ 9690.68772111
+# vs 9690.68771644). Everything else must match exactly.
+STATS_FIELDS = ("grad_diversity", "n_grad_diversity")
+
+
+def assert_same_rows(a: list[dict], b: list[dict]) -> None:
+    assert [_strip({k: v for k, v in r.items() if k not in STATS_FIELDS}) for r in a] == \
+        [_strip({k: v for k, v in r.items() if k not in STATS_FIELDS}) for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for k in STATS_FIELDS:
+            assert (ra[k] is None) == (rb[k] is None), (k, ra, rb)
+            if ra[k] is not None:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-7), (k, ra["epoch"])
+
+
 def _only_run(root: Path) -> Path:
     (run,) = (root / "mnist1d").iterdir()
     return run
@@ -66,7 +83,7 @@ def test_sigkill_in_the_first_epoch_resumes_in_the_same_folder(tmp_path) -> None
     assert not (run / "metrics.jsonl").exists() or read_rows(run) == []  # killed inside epoch 1
     subprocess.run(_cli(*args, f"results_dir={killed}", "resume=auto"), check=True, timeout=600)
     assert _only_run(killed) == run
-    assert [_strip(r) for r in read_rows(_only_run(straight))] == [_strip(r) for r in read_rows(run)]
+    assert_same_rows(read_rows(_only_run(straight)), read_rows(run))
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
 
 
@@ -83,7 +100,7 @@ def test_sigkill_mid_epoch_then_resume_matches_straight_run(tmp_path, policy) ->
     assert len(read_rows(run)) < 5
     subprocess.run(_cli(*args, f"results_dir={killed}", "resume=auto"), check=True, timeout=600)
     a, b = _only_run(straight), _only_run(killed)
-    assert [_strip(r) for r in read_rows(a)] == [_strip(r) for r in read_rows(b)]
+    assert_same_rows(read_rows(a), read_rows(b))
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert _strip(sa) == _strip(sb) and sb["status"] == "complete"
     assert len({r["batch_size"] for r in read_rows(b)}) > 1, "choose settings where the batch size moves"
@@ -103,7 +120,7 @@ def test_sigterm_checkpoints_at_step_boundary_and_resumes(tmp_path) -> None:
     rows_before = len(read_rows(run))
     subprocess.run(_cli(*args, f"results_dir={stopped}", f"resume={run.name}"), check=True, timeout=600)
     assert rows_before < 3
-    assert [_strip(r) for r in read_rows(_only_run(straight))] == [_strip(r) for r in read_rows(run)]
+    assert_same_rows(read_rows(_only_run(straight)), read_rows(run))
 
 
 def test_four_concurrent_processes_share_a_results_dir(tmp_path) -> None:
