@@ -148,3 +148,12 @@ def paired_ratio(
             if result.passed:
                 break
     return result
+
+
+def run_gate(benchmark: Any, gate: Callable[..., GateResult], *args: Any) -> GateResult:
+    """Run ``gate(*args)`` once under pytest-benchmark, keep its ratios with the timings
+    (``extra_info``) and print its message; the caller asserts ``result.passed``."""
+    result = benchmark.pedantic(gate, args=args, rounds=1, iterations=1)
+    benchmark.extra_info.update(result.info())
+    print(result.message())
+    return result

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from gates import paired_ratio, timed  # bench/ is on sys.path under pytest
+from gates import paired_ratio, run_gate, timed  # bench/ is on sys.path under pytest
 from torch import nn
 
 from divebench.models.resnet import build_resnet18_cifar
@@ -59,7 +59,5 @@ def test_channels_last_step_is_not_slower_on_cpu(benchmark: Any, measure: bool) 
     name = "layout_channels_last_measured_step" if measure else "layout_channels_last_step"
     subject = timed(make_step("channels_last", measure))
     reference = timed(make_step("contiguous", measure))
-    result = benchmark.pedantic(paired_ratio, args=(name, subject, reference, REPS), rounds=1, iterations=1)
-    benchmark.extra_info.update(result.info())
-    print(result.message())
+    result = run_gate(benchmark, paired_ratio, name, subject, reference, REPS)
     assert result.passed, result.message()

@@ -40,7 +40,7 @@ import pytest
 import torch
 
 # bench/ (no __init__.py) is on sys.path under pytest's default import mode
-from gates import GateResult, Timing, one_thread, paired_ratio
+from gates import GateResult, Timing, one_thread, paired_ratio, run_gate
 from thresholds import WALL_RATIO_LIMIT
 from torch import nn
 
@@ -247,9 +247,7 @@ def policy_epoch_gate(results_dir: Path, name: str, policy_overrides: dict[str, 
 def test_loop_overhead(benchmark: Any, tmp_path: Path, batch_size: int) -> None:
     """The harness's training loop costs nothing over a bare PyTorch loop (≤ 1.05×)."""
     epochs = LOOP_SETTINGS[batch_size]["epochs"]
-    result = benchmark.pedantic(loop_overhead_gate, args=(tmp_path, batch_size, epochs), rounds=1, iterations=1)
-    benchmark.extra_info.update(result.info())
-    print(result.message())
+    result = run_gate(benchmark, loop_overhead_gate, tmp_path, batch_size, epochs)
     assert result.passed, result.message()
 
 
@@ -257,10 +255,7 @@ def test_adabatch_epoch_vs_sgd(benchmark: Any, tmp_path: Path) -> None:
     """An AdaBatch epoch costs what an sgd epoch at the same batch size costs (≤ 1.03×)."""
     # resize_freq beyond the run: the batch stays at B0, only the policy differs
     over = {"policy": "adabatch", "adabatch.resize_freq": "1000"}
-    result = benchmark.pedantic(policy_epoch_gate, args=(tmp_path, "adabatch_epoch_vs_sgd", over),
-                                rounds=1, iterations=1)
-    benchmark.extra_info.update(result.info())
-    print(result.message())
+    result = run_gate(benchmark, policy_epoch_gate, tmp_path, "adabatch_epoch_vs_sgd", over)
     assert result.passed, result.message()
 
 
@@ -272,8 +267,5 @@ def test_divebatch_unmeasured_epoch_vs_sgd(benchmark: Any, tmp_path: Path) -> No
         pytest.skip("divebench.stats.make_provider is not there yet")
     # resize_freq beyond the run: no epoch is a measurement epoch, the batch stays at B0
     over = {"policy": "divebatch", "divebatch.resize_freq": "1000"}
-    result = benchmark.pedantic(policy_epoch_gate, args=(tmp_path, "divebatch_unmeasured_epoch_vs_sgd", over),
-                                rounds=1, iterations=1)
-    benchmark.extra_info.update(result.info())
-    print(result.message())
+    result = run_gate(benchmark, policy_epoch_gate, tmp_path, "divebatch_unmeasured_epoch_vs_sgd", over)
     assert result.passed, result.message()

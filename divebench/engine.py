@@ -123,20 +123,23 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _use_channels_last(input_shape: tuple[int, ...], device: torch.device, resume_dir: Path | None) -> bool:
+def _use_channels_last(
+    input_shape: tuple[int, ...], device: torch.device, prior_env: dict[str, Any] | None
+) -> bool:
     """Whether the run's model trains in channels_last.
 
     Image models (3-D inputs) do, on every device: on CUDA for cudnn's NHWC kernels, on
     CPU for oneDNN's (the CIFAR ResNet-18's step took 0.84-0.95x the time of the NCHW step
     on 2 CPU cores; README "Smoke runs and speed on CPU", bench/test_bench_layout.py).
     Numerics are the same up to float summation order (tests/test_resnet.py). A resumed
-    run keeps the layout it started with (env.json), so it replays as it would have
-    gone on; runs from before env.json recorded it used channels_last on CUDA only.
+    run keeps the layout it started with (``prior_env``: its env.json), so it replays as
+    it would have gone on; runs from before env.json recorded it used channels_last on
+    CUDA only.
     """
     if len(input_shape) != 3:
         return False
-    if resume_dir is not None:
-        recorded = read_env(resume_dir).get("memory_format")
+    if prior_env is not None:
+        recorded = prior_env.get("memory_format")
         if recorded is not None:
             return bool(recorded == "channels_last")
         return device.type == "cuda"
@@ -167,7 +170,8 @@ def run_one(
                 f"model={v['model']} cannot be built for dataset={v['dataset']} "
                 f"(input {data.input_shape}, {data.num_classes} classes): {str(exc).splitlines()[0]}"
             ) from None
-        channels_last = _use_channels_last(data.input_shape, device, resume_dir)
+        prior_env = read_env(resume_dir) if resume_dir is not None else None
+        channels_last = _use_channels_last(data.input_shape, device, prior_env)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         policy = policy_cls(make_policy_config(entry, registry), ctx)
@@ -197,7 +201,7 @@ def run_one(
             path, run_id = resume_dir, resume_dir.name
             folder = RunFolder(path, run_id)
             state = ckpt.load(path / ckpt.FILENAME, device)
-            env = read_env(path)
+            env = prior_env or {}
         setup = Setup(
             model=module, optimizer=optimizer, policy=policy, plugin=plugin, provider=provider,
             data=data, device=device, epochs=v["epochs"], base_lr=lr_schedule(v),

@@ -152,22 +152,18 @@ def test_compile_true_gives_the_same_divebatch_run(tmp_path: Path) -> None:
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1e-3)
 
 
-def test_a_resumed_run_keeps_the_layout_it_started_with(tmp_path: Path) -> None:
+def test_a_resumed_run_keeps_the_layout_it_started_with() -> None:
     from divebench.engine import _use_channels_last
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert _use_channels_last((3, 32, 32), cpu, None)  # new image runs: channels_last
     assert not _use_channels_last((40,), cpu, None)  # 1-D inputs: as they are
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "env.json").write_text(json.dumps({"memory_format": "contiguous"}))
-    assert not _use_channels_last((3, 32, 32), cpu, run)
-    (run / "env.json").write_text(json.dumps({"memory_format": "channels_last"}))
-    assert _use_channels_last((3, 32, 32), cpu, run)
+    # a resumed run: the layout its env.json recorded
+    assert not _use_channels_last((3, 32, 32), cpu, {"memory_format": "contiguous"})
+    assert _use_channels_last((3, 32, 32), cpu, {"memory_format": "channels_last"})
     # a run from before env.json recorded the layout: channels_last was CUDA-only then
-    (run / "env.json").write_text(json.dumps({"device": "cpu"}))
-    assert not _use_channels_last((3, 32, 32), cpu, run)
-    assert _use_channels_last((3, 32, 32), cuda, run)
+    assert not _use_channels_last((3, 32, 32), cpu, {"device": "cpu"})
+    assert _use_channels_last((3, 32, 32), cuda, {"device": "cpu"})
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
