@@ -73,6 +73,7 @@ KEYS: dict[str, Key] = {
     "weight_decay": Key(float, 0.0, "SGD weight decay", "train"),
     "nesterov": Key(bool, False, "Nesterov momentum", "train"),
     "amp": Key(Literal["off", "bf16"], "off", "mixed precision: bf16 autocast on the training device (CUDA; or a CPU with native bf16, e.g. AVX512-BF16/AMX)", "train"),
+    "dtype": Key(Literal["float32", "float64"], "float32", "floating-point type of the weights, inputs and gradients; float64 makes CPU results independent of the processor's vector path (the golden checks, bench/test_golden.py) at 2-5x the time", "train"),
     "compile": Key(bool, False, "torch.compile the model", "train"),
     "threads": Key(int, 0, "CPU threads for torch (0 = torch's default); 1 avoids thread contention on a busy machine", "run"),
     # scoring
@@ -481,6 +482,8 @@ def validate(cfg: RunConfig, registry: Any, dataset_size: int | None = None) -> 
         raise ConfigError(f"target_accuracy={v['target_accuracy']} is not valid: expected a fraction in [0, 1]")
     if v["batch_size"] > v["max_batch_size"]:
         raise ConfigError(f"batch_size={v['batch_size']} is larger than max_batch_size={v['max_batch_size']}: B0 must be <= B_max")
+    if v["dtype"] == "float64" and v["amp"] != "off":
+        raise ConfigError(f"dtype=float64 with amp={v['amp']} is contradictory: use amp=off with dtype=float64, or dtype=float32 with amp={v['amp']}")
     if not v["seeds"]:
         raise ConfigError("seeds= is empty: give one or more ints, comma-separated (e.g. seeds=0,1,2)")
     if v["baseline"] and v["baseline"] not in cfg.suite.entries and v["baseline"] not in registry.policies:

@@ -39,6 +39,9 @@ from divebench.results import ResultsError, RunFolder, environment, new_run_dir
 
 # Keys that do not change what a run computes: ignored when matching a run to resume.
 NON_RESULT_KEYS = {"resume", "keep_checkpoint", "results_dir", "wandb", "wandb_project", "policy", "seeds", "device", "threads"}
+# Result keys added after run folders already existed: a config.yaml without the key
+# was run with this value.
+ADDED_KEYS = {"dtype": "float32"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,6 +69,11 @@ def build_data(cfg: RunConfig, registry: Any, device: torch.device) -> DataBundl
     builder = registry.datasets[cfg["dataset"]][0]
     data: DataBundle = builder(dict(cfg.values), device, 0)
     validate(cfg, registry, dataset_size=data.train_size)
+    dtype = getattr(torch, cfg["dtype"])
+    for name in ("x_train", "x_val", "x_test"):  # float features once; raw images stay uint8
+        x = getattr(data, name)
+        if x is not None and x.is_floating_point() and x.dtype != dtype:
+            setattr(data, name, x.to(dtype))
     return data
 
 
@@ -115,7 +123,7 @@ def run_config_dict(cfg: RunConfig, entry: Entry, seed: int) -> dict[str, Any]:
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+    return {k: v for k, v in (ADDED_KEYS | config).items() if k not in NON_RESULT_KEYS}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -164,7 +172,7 @@ def run_one(
         torch.manual_seed(seed)
         model_builder = registry.models[v["model"]][0]
         try:
-            model = model_builder(data.num_classes, data.input_shape, dict(v)).to(device)
+            model = model_builder(data.num_classes, data.input_shape, dict(v)).to(device, getattr(torch, v["dtype"]))
         except (ValueError, TypeError, RuntimeError) as exc:
             raise ConfigError(
                 f"model={v['model']} cannot be built for dataset={v['dataset']} "
@@ -206,7 +214,7 @@ def run_one(
             model=module, optimizer=optimizer, policy=policy, plugin=plugin, provider=provider,
             data=data, device=device, epochs=v["epochs"], base_lr=lr_schedule(v),
             max_micro_batch=v["max_micro_batch"], eval_batch_size=v["eval_batch_size"], seed=seed,
-            amp=v["amp"], channels_last=channels_last,
+            amp=v["amp"], channels_last=channels_last, dtype=getattr(torch, v["dtype"]),
             log=lambda msg: (folder.log(msg), console.line(f"  {msg}")),
         )
         if v["amp"] == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():

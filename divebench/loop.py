@@ -52,6 +52,7 @@ class Setup:
     seed: int
     amp: str = "off"
     channels_last: bool = False
+    dtype: torch.dtype = torch.float32  # of the model's inputs (and weights)
     log: Callable[[str], None] = print  # events worth keeping (OOM retries): the run log
 
 
@@ -77,7 +78,7 @@ def _evaluate(s: Setup) -> EvalResult:
         for i in range(0, s.data.y_val.shape[0], s.eval_batch_size):
             x = _to_input(s, s.data.eval_transform(s.data.x_val[i : i + s.eval_batch_size]))
             y = s.data.y_val[i : i + s.eval_batch_size]
-            out = s.model(x).float()
+            out = _logits_for_loss(s.model(x))
             loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum()
     s.model.train()
@@ -92,7 +93,14 @@ def _autocast(s: Setup) -> Any:
 
 
 def _to_input(s: Setup, x: torch.Tensor) -> torch.Tensor:
+    x = x.to(s.dtype)  # no copy when it is already (float features; float32 transforms)
     return x.contiguous(memory_format=torch.channels_last) if s.channels_last and x.dim() == 4 else x
+
+
+def _logits_for_loss(out: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (autocast) are lifted to float32 for the loss; float32 and
+    float64 logits are used as they are."""
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -285,7 +293,7 @@ def _accumulate(
         m = int(sub.shape[0])
         with _autocast(s):
             out = s.model(x)
-            loss = nn.functional.cross_entropy(out.float(), y)
+            loss = nn.functional.cross_entropy(_logits_for_loss(out), y)
         (loss if k == 1 else loss * (m / bsz)).backward()
         if measure:
             assert s.provider is not None
