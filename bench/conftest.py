@@ -61,7 +61,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     machine_info["torch_threads"] = torch.get_num_threads()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def update_golden(request: pytest.FixtureRequest) -> bool:
     """True when the run was asked to rewrite the golden files."""
     return bool(request.config.getoption("--update-golden"))

@@ -243,7 +243,8 @@ def policy_epoch_gate(results_dir: Path, name: str, policy_overrides: dict[str, 
 # --------------------------------------------------------------------------- the gates
 
 
-@pytest.mark.parametrize("batch_size", sorted(LOOP_SETTINGS))
+# CI runs B=256 (bench/conftest.py: one gate of each family); B=32 is `full`
+@pytest.mark.parametrize("batch_size", [pytest.param(32, marks=pytest.mark.full), 256])
 def test_loop_overhead(benchmark: Any, tmp_path: Path, batch_size: int) -> None:
     """The harness's training loop costs nothing over a bare PyTorch loop (≤ 1.05×)."""
     epochs = LOOP_SETTINGS[batch_size]["epochs"]
@@ -259,6 +260,7 @@ def test_adabatch_epoch_vs_sgd(benchmark: Any, tmp_path: Path) -> None:
     assert result.passed, result.message()
 
 
+@pytest.mark.full
 def test_divebatch_unmeasured_epoch_vs_sgd(benchmark: Any, tmp_path: Path) -> None:
     """A DiveBatch epoch outside measurement, its statistics provider wrapping the model
     with the per-sample machinery switched off, costs what an sgd epoch costs (≤ 1.03×)."""

@@ -330,26 +330,55 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
+def _level_skip_reason(level: str) -> str | None:
+    """Why ``level`` cannot or need not be rerun here (None: rerun it)."""
+    if os.environ.get(LEVEL_ENV):
+        return "already inside a dispatch-level rerun"
+    flags = _cpu_flags()
+    if flags is None:
+        return "no /proc/cpuinfo: cannot tell which vector paths this CPU has"
+    if not LEVEL_FLAGS[level] <= flags:
+        return f"this CPU lacks {', '.join(sorted(LEVEL_FLAGS[level] - flags))} for the {level} path"
+    if torch.backends.cpu.get_cpu_capability() == LEVEL_NAME[level]:
+        return f"{level} is the path this process runs: test_golden covers it"
+    return None
+
+
+@pytest.fixture(scope="module")
+def level_runs(update_golden: bool) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """test_golden rerun in one fresh process per dispatch level to check, all started
+    at once (each uses one thread, so two levels take one level's time on 2 cores)."""
+    procs: dict[str, subprocess.Popen[str]] = {}
+    if not update_golden:
+        cmd = [sys.executable, "-m", "pytest", f"{Path(__file__)}::test_golden", "-q", "-p", "no:cacheprovider",
+               "-p", "no:randomly", "-p", "no:xdist", "--benchmark-disable"]
+        for level in LEVELS:
+            if _level_skip_reason(level) is None:
+                procs[level] = subprocess.Popen(
+                    cmd, env=os.environ | LEVELS[level] | {LEVEL_ENV: level}, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("level", list(LEVELS))
-def test_golden_under_dispatch_level(level: str, update_golden: bool) -> None:
+def test_golden_under_dispatch_level(level: str, update_golden: bool,
+                                     level_runs: dict[str, subprocess.Popen[str]]) -> None:
     """test_golden, rerun in a fresh process whose ATen, oneDNN and MKL are capped at
     ``level``, passes against the same golden files. Levels this processor lacks are
     skipped; so is the level this process already runs (that is test_golden itself)."""
     if update_golden:
         pytest.skip("--update-golden writes the files; the levels compare against them")
-    if os.environ.get(LEVEL_ENV):
-        pytest.skip("already inside a dispatch-level rerun")
-    flags = _cpu_flags()
-    if flags is None:
-        pytest.skip("no /proc/cpuinfo: cannot tell which vector paths this CPU has")
-    if not LEVEL_FLAGS[level] <= flags:
-        pytest.skip(f"this CPU lacks {', '.join(sorted(LEVEL_FLAGS[level] - flags))} for the {level} path")
-    if torch.backends.cpu.get_cpu_capability() == LEVEL_NAME[level]:
-        pytest.skip(f"{level} is the path this process runs: test_golden covers it")
-    cmd = [sys.executable, "-m", "pytest", f"{Path(__file__)}::test_golden", "-q", "-p", "no:cacheprovider",
-           "-p", "no:randomly", "--benchmark-disable"]
-    res = subprocess.run(cmd, env=os.environ | LEVELS[level] | {LEVEL_ENV: level},
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    print(f"{level} ({', '.join(f'{k}={v}' for k, v in LEVELS[level].items())}): {res.stdout.strip().splitlines()[-1]}")
-    assert res.returncode == 0, f"golden check failed under {level}:\n{res.stdout[-6000:]}\n{res.stderr[-2000:]}"
+    reason = _level_skip_reason(level)
+    if reason is not None:
+        pytest.skip(reason)
+    out, err = level_runs[level].communicate(timeout=1800)
+    last = out.strip().splitlines()[-1] if out.strip() else "(no output)"
+    print(f"{level} ({', '.join(f'{k}={v}' for k, v in LEVELS[level].items())}): {last}")
+    assert level_runs[level].returncode == 0, f"golden check failed under {level}:\n{out[-6000:]}\n{err[-2000:]}"

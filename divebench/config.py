@@ -73,7 +73,7 @@ KEYS: dict[str, Key] = {
     "weight_decay": Key(float, 0.0, "SGD weight decay", "train"),
     "nesterov": Key(bool, False, "Nesterov momentum", "train"),
     "amp": Key(Literal["off", "bf16"], "off", "mixed precision: bf16 autocast on the training device (CUDA; or a CPU with native bf16, e.g. AVX512-BF16/AMX)", "train"),
-    "dtype": Key(Literal["float32", "float64"], "float32", "floating-point type of the weights, inputs and gradients; float64 makes CPU results independent of the processor's vector path (the golden checks, bench/test_golden.py) at 2-5x the time", "train"),
+    "dtype": Key(Literal["float32", "float64"], "float32", "floating-point type of the weights, inputs and gradients; float64 makes CPU results independent of the processor's vector path (the golden checks, bench/test_golden.py) at up to 7x the time on large conv nets (README)", "train"),
     "compile": Key(bool, False, "torch.compile the model", "train"),
     "threads": Key(int, 0, "CPU threads for torch (0 = torch's default); 1 avoids thread contention on a busy machine", "run"),
     # scoring

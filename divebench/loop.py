@@ -93,7 +93,8 @@ def _autocast(s: Setup) -> Any:
 
 
 def _to_input(s: Setup, x: torch.Tensor) -> torch.Tensor:
-    x = x.to(s.dtype)  # no copy when it is already (float features; float32 transforms)
+    if x.is_floating_point():  # token ids and other integer inputs stay as they are
+        x = x.to(s.dtype)  # no copy when it is already (float features; float32 transforms)
     return x.contiguous(memory_format=torch.channels_last) if s.channels_last and x.dim() == 4 else x
 
 

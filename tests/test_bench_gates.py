@@ -16,7 +16,9 @@ import pytest
 import divebench.loop
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SLOW_S = 0.002  # added per batch: more than the whole step of the MNIST-1D CNN at B=32
+SLOWDOWN = 2.0  # added per batch: twice what the batch's own forward/backward took, so the
+# loop's share of the time triples whatever the machine's speed (a fixed delay of 2 ms gave
+# 1.9x here and only 1.45x on a slower CI machine)
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +40,20 @@ def gates() -> Iterator[ModuleType]:
 
 
 def slowed(how: str) -> Any:
-    """divebench.loop's per-batch forward/backward, plus SLOW_S of CPU work or of waiting."""
+    """divebench.loop's per-batch forward/backward, then SLOWDOWN times its own duration
+    of CPU work (process time) or of waiting (wall time)."""
     original = divebench.loop._batch_with_oom_retry
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        out = original(*args, **kwargs)
         if how == "work":
-            end = time.process_time() + SLOW_S
+            end = time.process_time() + SLOWDOWN * (time.process_time() - cpu0)
             while time.process_time() < end:
                 pass
         else:
-            time.sleep(SLOW_S)
-        return original(*args, **kwargs)
+            time.sleep(SLOWDOWN * (time.perf_counter() - wall0))
+        return out
 
     return wrapper
 

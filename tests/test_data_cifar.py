@@ -186,7 +186,7 @@ def test_data_dir_defaults_to_env_then_cache(
 def test_fake_data_has_the_real_shapes(builder: Any, classes: int, tmp_path: Path) -> None:
     b = builder({"data": "fake", "subset": 512, "data_dir": str(tmp_path)}, CPU, 3)
     assert b.x_train.shape == (512, 3, 32, 32) and b.x_train.dtype == torch.uint8
-    assert b.x_val.shape == (256, 3, 32, 32)  # max(512 // 5, 256)
+    assert b.x_val.shape == (102, 3, 32, 32)  # max(512 // 5, 64)
     assert b.num_classes == classes and b.input_shape == (3, 32, 32)
     assert set(b.y_train.unique().tolist()) == set(range(min(classes, 512)))
     assert b.info["source"] == "fake"

@@ -219,7 +219,7 @@ def test_subset_is_a_fixed_sample_across_classes(tmp_path: Path) -> None:
 def test_fake_data_has_the_real_shapes() -> None:
     b = T.build_tinyimagenet({"data": "fake", "subset": 1000}, CPU, 1)
     assert b.x_train.shape == (1000, 3, 64, 64) and b.x_train.dtype == torch.uint8
-    assert b.x_val.shape == (256, 3, 64, 64)
+    assert b.x_val.shape == (200, 3, 64, 64)  # max(1000 // 5, 64)
     assert b.num_classes == 200 and b.input_shape == (3, 224, 224)
     assert int(b.y_train.max()) == 199
     native = T.build_tinyimagenet({"data": "fake", "subset": 1000, "preset": "native"}, CPU, 1)

@@ -27,14 +27,15 @@ def _bundle(n: int = 96, d: int = 12, classes: int = 3) -> DataBundle:
     return DataBundle(x, y, x[:16], y[:16], classes, (d,))
 
 
-def _setup(model: nn.Module, data: DataBundle, max_micro: int) -> Setup:
+def _setup(model: nn.Module, data: DataBundle, max_micro: int,
+           dtype: torch.dtype = torch.float32) -> Setup:
     from divebench.policies.sgd import FixedSGD, SGDConfig
 
     ctx = SuiteContext("t", data.train_size, 8, 64, 1, 0.1, 0)
     return Setup(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                  policy=FixedSGD(SGDConfig(), ctx), plugin="builtin", provider=None, data=data,
                  device=torch.device("cpu"), epochs=1, base_lr=lambda e: 0.1,
-                 max_micro_batch=max_micro, eval_batch_size=64, seed=0)
+                 max_micro_batch=max_micro, eval_batch_size=64, seed=0, dtype=dtype)
 
 
 def test_micro_batches_give_the_full_batch_gradient() -> None:
@@ -45,7 +46,7 @@ def test_micro_batches_give_the_full_batch_gradient() -> None:
     idx = torch.arange(90)  # 90 = 7 micro-batches of 13 or 12: uneven on purpose
     grads = {}
     for max_micro in (90, 13):
-        s = _setup(model, data, max_micro)
+        s = _setup(model, data, max_micro, torch.float64)
         _accumulate(s, idx, False, torch.Generator(), max_micro)
         grads[max_micro] = torch.cat([p.grad.flatten() for p in model.parameters()])
     # reference: one plain full-batch backward

@@ -71,7 +71,7 @@ def test_sigkill_in_the_first_epoch_resumes_in_the_same_folder(tmp_path) -> None
     its own folder, and ends as a straight run does (no stale 'running' folder)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = [*BASE, "policy=divebatch", "epochs=2"]
-    subprocess.run(_cli(*args, f"results_dir={straight}"), check=True, timeout=600)
+    reference = subprocess.Popen(_cli(*args, f"results_dir={straight}"))  # alongside: 2 cores
     proc = subprocess.Popen(_cli(*args, f"results_dir={killed}"))
     t0 = time.time()
     while not list(killed.glob("mnist1d/*/checkpoint.pt")):
@@ -82,6 +82,7 @@ def test_sigkill_in_the_first_epoch_resumes_in_the_same_folder(tmp_path) -> None
     run = _only_run(killed)
     assert not (run / "metrics.jsonl").exists() or read_rows(run) == []  # killed inside epoch 1
     subprocess.run(_cli(*args, f"results_dir={killed}", "resume=auto"), check=True, timeout=600)
+    assert reference.wait(timeout=600) == 0
     assert _only_run(killed) == run
     assert_same_rows(read_rows(_only_run(straight)), read_rows(run))
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
@@ -91,7 +92,7 @@ def test_sigkill_in_the_first_epoch_resumes_in_the_same_folder(tmp_path) -> None
 def test_sigkill_mid_epoch_then_resume_matches_straight_run(tmp_path, policy) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = [*BASE, f"policy={policy}", "epochs=5"]
-    subprocess.run(_cli(*args, f"results_dir={straight}"), check=True, timeout=600)
+    reference = subprocess.Popen(_cli(*args, f"results_dir={straight}"))  # alongside: 2 cores
     proc = subprocess.Popen(_cli(*args, f"results_dir={killed}"))
     run = _wait_rows(killed, 1, proc)  # epoch 2 (B=16, measured) is long: the kill lands in it
     proc.send_signal(signal.SIGKILL)
@@ -99,6 +100,7 @@ def test_sigkill_mid_epoch_then_resume_matches_straight_run(tmp_path, policy) ->
     assert json.loads((run / "summary.json").read_text())["status"] == "running"
     assert len(read_rows(run)) < 5
     subprocess.run(_cli(*args, f"results_dir={killed}", "resume=auto"), check=True, timeout=600)
+    assert reference.wait(timeout=600) == 0
     a, b = _only_run(straight), _only_run(killed)
     assert_same_rows(read_rows(a), read_rows(b))
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
@@ -109,7 +111,7 @@ def test_sigkill_mid_epoch_then_resume_matches_straight_run(tmp_path, policy) ->
 def test_sigterm_checkpoints_at_step_boundary_and_resumes(tmp_path) -> None:
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     args = [*BASE, "policy=sgd-small", "epochs=3"]
-    subprocess.run(_cli(*args, f"results_dir={straight}"), check=True, timeout=600)
+    reference = subprocess.Popen(_cli(*args, f"results_dir={straight}"))  # alongside: 2 cores
     proc = subprocess.Popen(_cli(*args, f"results_dir={stopped}"), stderr=subprocess.PIPE, text=True)
     run = _wait_rows(stopped, 1, proc)
     proc.send_signal(signal.SIGTERM)
@@ -119,6 +121,7 @@ def test_sigterm_checkpoints_at_step_boundary_and_resumes(tmp_path) -> None:
     assert summary["status"] == "interrupted"
     rows_before = len(read_rows(run))
     subprocess.run(_cli(*args, f"results_dir={stopped}", f"resume={run.name}"), check=True, timeout=600)
+    assert reference.wait(timeout=600) == 0
     assert rows_before < 3
     assert_same_rows(read_rows(_only_run(straight)), read_rows(run))
 

@@ -47,10 +47,10 @@ def fake_images(
 def fake_split_sizes(full_train: int, full_val: int, subset: int) -> tuple[int, int]:
     """Sizes (train, val) of a fake dataset: the real split sizes, or with ``subset > 0``
     ``min(subset, full_train)`` training samples and ``min(full_val, max(subset // 5,
-    256))`` validation samples, so small smoke runs also evaluate cheaply."""
+    64))`` validation samples, so small smoke runs also evaluate cheaply."""
     if subset <= 0:
         return full_train, full_val
-    return min(subset, full_train), min(full_val, max(subset // 5, 256))
+    return min(subset, full_train), min(full_val, max(subset // 5, 64))
 
 
 def fake_splits(
