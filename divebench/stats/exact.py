@@ -40,8 +40,33 @@ operations on a hooked layer's output (torchvision's ResNet does ``relu_`` and
 the layer's output, closing over the detached input; the tensor hook runs the layer's
 sampler. On epochs that measure nothing the forward hooks are removed altogether
 (nothing per-sample runs or is kept) and re-attached when a measured epoch starts; the
-wrapper itself stays in place. A layer applied twice per forward (weight tying) or
-run in eval mode during a measured epoch is refused with an error naming it.
+wrapper itself stays in place. A layer run in eval mode during a measured epoch is
+refused with an error naming it.
+
+The invariant (checked on every measured forward and backward, not per layer type):
+every trainable parameter that gets a gradient gets its per-sample norms from the
+layer calls that use it, all its uses covered.
+
+- After the forward, a walk of the autograd graph counts the edges into each
+  parameter's AccumulateGrad node (one per direct use), over the whole graph and inside
+  each hooked layer call (from its output back to its inputs). A parameter used by one
+  call: that call's norms. Used by several calls (a weight shared by two layers, a
+  tied embedding/output weight, a layer applied twice): its per-sample gradients from
+  each call's grad sampler are summed per sample before the norm. Used anywhere else
+  (``F.linear(x, child.weight)`` in a parent): refused, naming the parameter.
+- In the backward, a layer's norm sampler that returns nothing for one of its
+  parameters (Opacus' Linear ghost norm does so for inputs of 4+ dimensions) is
+  replaced by the layer's grad sampler for that call; if that gives nothing: refused.
+- After the backward, every parameter that autograd accumulated a gradient into
+  (post-accumulate-grad hooks) must have norms (a parameter used only in the loss has
+  none): else refused.
+- A layer sampled by the torch.func fallback and called with more than one input
+  (a mask, a key and a value) is refused: the fallback replays it with one input.
+
+Refusals raise :class:`StatisticsRefused` (a ``NotImplementedError``) with one line;
+the engine records the run as failed with that line, the suite goes on. Fixed here
+rather than refused: ``nn.Embedding(padding_idx=...)`` (padding positions carry no
+gradient) and ``nn.LayerNorm`` without weight or bias (:func:`layer_norm_grad_sample`).
 
 State dict: the wrapper holds the model as ``_module``, so ``wrapped.state_dict()``
 keys carry a ``_module.`` prefix. Save and load ``unwrap(wrapped).state_dict()``
@@ -361,6 +386,65 @@ def norms_from_grad_sampler(grad_sampler: NormSampler) -> NormSampler:
     return norm_sampler
 
 
+def layer_norm_grad_sample(
+    layer: nn.LayerNorm, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of ``nn.LayerNorm``, with or without its weight and bias
+    (Opacus' sampler reads ``layer.bias.requires_grad`` and fails for ``bias=False``)."""
+    x = activations[0].to(backprops.dtype)
+    x_hat = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
+    between = tuple(range(1, x.dim() - len(layer.normalized_shape)))
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        g = x_hat * backprops
+        out[layer.weight] = g.sum(dim=between) if between else g
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.sum(dim=between) if between else backprops
+    return out
+
+
+def _node_edges(
+    roots: list[Any], stop: set[Any]
+) -> tuple[dict[torch.Tensor, int], set[Any]]:
+    """Walk an autograd graph from ``roots`` (not past the nodes in ``stop``): how many
+    graph edges reach each leaf's AccumulateGrad node (one per direct use of the leaf),
+    and the nodes visited."""
+    edges: dict[torch.Tensor, int] = {}
+    seen: set[Any] = set(roots)
+    todo = list(roots)
+    while todo:
+        node = todo.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            leaf = getattr(nxt, "variable", None)
+            if leaf is not None:
+                edges[leaf] = edges.get(leaf, 0) + 1
+            elif nxt not in seen and nxt not in stop:
+                seen.add(nxt)
+                todo.append(nxt)
+    return edges, seen
+
+
+class _Call:
+    """One application of a hooked layer in the current forward."""
+
+    __slots__ = ("name", "module", "params", "output_fn", "boundary", "live", "accumulate", "edges")
+
+    def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter], output_fn: Any,
+                 boundary: set[Any]) -> None:
+        self.name, self.module, self.params = name, module, params
+        self.output_fn, self.boundary = output_fn, boundary
+        self.live: list[nn.Parameter] = list(params)  # the params this call gives gradient to
+        self.accumulate: set[nn.Parameter] = set()  # params shared with other calls
+        self.edges: dict[torch.Tensor, int] = {}
+
+
+class StatisticsRefused(NotImplementedError):
+    """The exact per-sample norms of this model cannot be trusted (the message says
+    which parameter or layer, and why); no number is returned."""
+
+
 class GhostNormModule(GradSampleModuleFastGradientClipping):
     """Opacus' ghost-norm module, with lean forward + tensor hooks of divebench's own.
 
@@ -395,42 +479,72 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         self.eval_mode_layers: set[str] = set()
         self.pending_norms: list[torch.Tensor] = []
         self.batch_sizes_seen: set[int] = set()
-        self._calls: dict[nn.Module, int] = {}
+        self._calls: list[_Call] = []
+        self._accum: dict[nn.Parameter, torch.Tensor] = {}
+        self._delivered: set[nn.Parameter] = set()
+        self._received: set[nn.Parameter] = set()
+        self._param_hooks: list[Any] = []
         # Samplers per layer type, resolved now from Opacus' registries: its norm
         # samplers first, then its grad samplers reduced to norms, then ours for conv.
+        grad_samplers: dict[type, NormSampler] = dict(self.GRAD_SAMPLERS)
+        grad_samplers[nn.LayerNorm] = layer_norm_grad_sample
         table: dict[type, NormSampler] = {
-            t: norms_from_grad_sampler(f) for t, f in self.GRAD_SAMPLERS.items()
+            t: norms_from_grad_sampler(f) for t, f in grad_samplers.items()
         }
         table.update(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
         table[nn.Conv1d] = conv_norm_sample
         table[nn.Conv2d] = conv_norm_sample
         self.NORM_SAMPLERS = table
         fallback = norms_from_grad_sampler(ft_compute_per_sample_gradient)
-        self._hooked: list[tuple[str, nn.Module, NormSampler]] = []
+        # name, module, norm sampler, grad sampler (per-sample gradients), whether the
+        # torch.func fallback samples it (then it covers its children's parameters too)
+        self._hooked: list[tuple[str, nn.Module, NormSampler, NormSampler, bool]] = []
+        self._param_names: dict[nn.Parameter, str] = {}
+        for pname, p in self._module.named_parameters(remove_duplicate=False):
+            self._param_names[p] = (
+                f"{self._param_names[p]} (= {pname})" if p in self._param_names else pname
+            )
+        self._covers: dict[nn.Module, list[nn.Parameter]] = {}
         names = {id(m): name for name, m in self._module.named_modules()}
         for module in self.iterate_submodules(self._module):
-            if force_functorch or type(module) not in self.GRAD_SAMPLERS:
+            functorch = force_functorch or type(module) not in self.GRAD_SAMPLERS
+            if functorch:
                 prepare_layer(module, batch_first=batch_first)
-                sampler = fallback
+                sampler, grad_sampler = fallback, ft_compute_per_sample_gradient
             else:
                 sampler = table.get(type(module), fallback)
+                grad_sampler = grad_samplers[type(module)]
             name = names.get(id(module), type(module).__name__)
-            self._hooked.append((name, module, sampler))
+            self._covers[module] = list(module.parameters(recurse=functorch))
+            self._hooked.append((name, module, sampler, grad_sampler, functorch))
         self.attach_hooks()
 
     def attach_hooks(self) -> None:
         """Register the forward hooks (no-op if attached)."""
         if self.autograd_grad_sample_hooks:
             return
-        for name, module, sampler in self._hooked:
+        for name, module, sampler, grad_sampler, functorch in self._hooked:
             self.autograd_grad_sample_hooks.append(
-                module.register_forward_hook(partial(self._forward_hook, name, sampler))
+                module.register_forward_hook(
+                    partial(self._forward_hook, name, sampler, grad_sampler, functorch),
+                    with_kwargs=True,
+                )
             )
+        self.autograd_grad_sample_hooks.append(
+            self._module.register_forward_hook(self._root_forward_hook)
+        )
+        for p in self._param_names:
+            if p.requires_grad:
+                self._param_hooks.append(
+                    p.register_post_accumulate_grad_hook(self._received.add)
+                )
 
     def detach_hooks(self) -> None:
         """Remove the forward hooks: the model then runs exactly as unwrapped."""
         while self.autograd_grad_sample_hooks:
             self.autograd_grad_sample_hooks.pop().remove()
+        while self._param_hooks:
+            self._param_hooks.pop().remove()
 
     @property
     def hooks_attached(self) -> bool:
@@ -446,14 +560,48 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
                 delattr(module, "ft_compute_sample_grad")
 
     def take_pending(self) -> list[torch.Tensor]:
-        """The per-sample norm vectors since the last call (one per parameter and use)."""
+        """The per-sample norm vectors since the last call (one per parameter), after
+        checking that every parameter that received a gradient got its norms."""
+        for p, grads in self._accum.items():
+            self.pending_norms.append(_row_norms(grads.reshape(grads.shape[0], -1)))
+            self._delivered.add(p)
+        missing = self._received - self._delivered
         norms, self.pending_norms = self.pending_norms, []
-        self._calls.clear()
-        self.batch_sizes_seen.clear()
+        self._forget_calls()
+        if missing and self.hooks_enabled:
+            p = min(missing, key=lambda q: self._param_names.get(q, ""))
+            raise StatisticsRefused(
+                f"parameter {self._param_names.get(p, '?')} received a gradient but no per-sample "
+                "norms (used outside the forward of the layer that owns it, e.g. in the loss)"
+            )
         return norms
 
+    def discard_pending(self) -> None:
+        """Forget everything collected since the last :meth:`take_pending`."""
+        self.pending_norms = []
+        self._forget_calls()
+
+    def _forget_calls(self) -> None:
+        # A call's tensor hook hangs on its output's graph node and holds the call: drop
+        # the call's reference to that node, or the cycle keeps the layer inputs alive
+        # until the garbage collector runs (measured: 2.4x the peak memory of an epoch).
+        for call in self._calls:
+            call.output_fn, call.boundary = None, set()
+        self._calls, self._accum = [], {}
+        self._received.clear()  # cleared, not replaced: the parameters' hooks hold it
+        self._delivered = set()
+        self.batch_sizes_seen.clear()
+
+    def _refuse(self, p: nn.Parameter, why: str) -> StatisticsRefused:
+        self.discard_pending()
+        return StatisticsRefused(
+            f"parameter {self._param_names.get(p, '?')} {why}; exact per-sample norms refused "
+            "(a number that may be wrong is not returned)"
+        )
+
     def _forward_hook(
-        self, name: str, sampler: NormSampler, module: nn.Module, inputs: Any, output: Any
+        self, name: str, sampler: NormSampler, grad_sampler: NormSampler, functorch: bool,
+        module: nn.Module, args: Any, kwargs: Any, output: Any,
     ) -> None:
         if not self.hooks_enabled or not torch.is_grad_enabled():
             return
@@ -465,30 +613,109 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             if isinstance(output, torch.Tensor):
                 return  # no gradient will flow through this call
-            raise NotImplementedError(
+            raise StatisticsRefused(
                 f"layer {name} ({type(module).__name__}) returns {type(output).__name__}; "
                 "per-sample norms need layers that return one tensor"
             )
-        calls = self._calls.get(module, 0) + 1
-        if calls > 1:
-            # Two uses sum into one per-sample gradient; norms per use cannot be added.
-            raise NotImplementedError(
-                f"layer {name} is applied more than once per forward (weight tying); "
-                "exact per-sample norms need one application per layer"
+        if functorch and (len(args) != 1 or kwargs):
+            raise StatisticsRefused(
+                f"layer {name} ({type(module).__name__}) is called with {len(args)} positional and "
+                f"{len(kwargs)} keyword inputs; its per-sample gradients (torch.func) replay it "
+                "with one input"
             )
-        self._calls[module] = calls
-        x = inputs[0].detach()
-        output.register_hook(partial(self._output_grad_hook, sampler, module, x))
+        x = args[0].detach()
+        boundary = {t.grad_fn for t in args if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+        params = [p for p in self._covers[module] if p.requires_grad]
+        call = _Call(name, module, params, output.grad_fn, boundary)
+        self._calls.append(call)
+        output.register_hook(partial(self._output_grad_hook, call, sampler, grad_sampler, x))
+
+    def _root_forward_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        """The invariant, checked on the finished forward graph: every trainable
+        parameter the output depends on is used only inside the layer calls that give
+        it per-sample norms. Used by one call: that call's norms. Used by several
+        (a shared or tied parameter, a layer applied twice): their per-sample gradients
+        are summed before the norm. Used anywhere else: refused."""
+        if not self.hooks_enabled or not torch.is_grad_enabled() or self.eval_mode_layers:
+            return  # (eval-mode layers: the provider refuses the epoch, naming them)
+
+        if isinstance(output, dict):
+            output = list(output.values())
+        outs = [output] if isinstance(output, torch.Tensor) else [
+            t for t in (output if isinstance(output, (tuple, list)) else []) if isinstance(t, torch.Tensor)
+        ]
+        roots = [t.grad_fn for t in outs if t.grad_fn is not None]
+        if not roots:
+            return
+        start = time.perf_counter()
+        total, reached = _node_edges(roots, set())
+        owners: dict[nn.Parameter, list[_Call]] = {}
+        for call in self._calls:
+            if call.output_fn not in reached:
+                call.live = []
+                continue
+            call.edges, _ = _node_edges([call.output_fn], call.boundary)
+            call.live = [p for p in call.params if total.get(p, 0) > 0]
+            for p in call.live:
+                owners.setdefault(p, []).append(call)
+        for call in self._calls:  # the walk is done: break the node -> hook -> call cycle
+            call.output_fn, call.boundary = None, set()
+        for leaf in self._param_names:  # in the model's order: the first offender is named
+            n = total.get(leaf, 0)
+            if n == 0:
+                continue
+            calls = owners.get(leaf, [])
+            if not calls:
+                raise self._refuse(
+                    leaf, "gets a gradient outside the forward of every layer that gives "
+                    "per-sample norms (used functionally, e.g. F.linear(x, weight) in a parent)"
+                )
+            inside = sum(c.edges.get(leaf, 0) for c in calls)
+            if inside != n:
+                raise self._refuse(
+                    leaf, f"is used {n - inside} time(s) outside the forward of "
+                    f"{', '.join(sorted({c.name for c in calls}))}"
+                )
+            if len(calls) > 1:
+                for c in calls:
+                    c.accumulate.add(leaf)
+        self.hook_time_s += time.perf_counter() - start
 
     def _output_grad_hook(
-        self, sampler: NormSampler, module: nn.Module, x: torch.Tensor, grad: torch.Tensor
+        self, call: _Call, sampler: NormSampler, grad_sampler: NormSampler, x: torch.Tensor,
+        grad: torch.Tensor,
     ) -> None:
         start = time.perf_counter()
+        module = call.module
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            # autograd gives the padding row no gradient: those positions contribute nothing
+            grad = grad.masked_fill((x == module.padding_idx).unsqueeze(-1), 0)
         # Unscaled output gradient: Opacus would multiply it by the samples the layer saw
         # (mean-reduced loss); norms are linear in it, so the provider applies that
         # factor once per micro-batch instead (see ExactProvider.after_micro_backward).
-        norms = sampler(module, [x], grad)
-        self.pending_norms.extend(ns for p, ns in norms.items() if p.requires_grad)
+        single = [p for p in call.live if p not in call.accumulate]
+        norms = sampler(module, [x], grad) if single else {}
+        missing = [p for p in single if p not in norms]
+        if missing or call.accumulate:
+            # Layers whose norm sampler gave nothing for a parameter (Opacus' Linear ghost
+            # norm for inputs of 4 or more dimensions), and parameters shared between
+            # calls: per-sample gradients, from the layer's grad sampler.
+            grads = grad_sampler(module, [x], grad)
+            for p in missing:
+                if p not in grads:
+                    raise self._refuse(p, f"got no per-sample gradient from layer {call.name} "
+                                          f"({type(module).__name__})")
+                norms[p] = _row_norms(grads[p].reshape(grads[p].shape[0], -1))
+            for p in call.accumulate:
+                if p not in grads:
+                    raise self._refuse(p, f"got no per-sample gradient from layer {call.name} "
+                                          f"({type(module).__name__})")
+                g = grads[p]
+                acc = self._accum.get(p)
+                self._accum[p] = g.clone() if acc is None else acc + g
+        for p in single:
+            self.pending_norms.append(norms[p])
+            self._delivered.add(p)
         self.batch_sizes_seen.add(x.shape[0])
         self.hook_time_s += time.perf_counter() - start
 
@@ -577,7 +804,7 @@ class ExactProvider:
         """Forget the current batch's micro-batches (the loop redoes it after an OOM)."""
         self._batch_sq.zero_()
         if self._module is not None:
-            self._module.take_pending()
+            self._module.discard_pending()
             self._module.eval_mode_layers.clear()
 
     def end_epoch(self) -> GradStats | None:
@@ -621,7 +848,7 @@ class ExactProvider:
         if self._module is not None:
             self._module.hook_time_s = 0.0
             self._module.eval_mode_layers.clear()
-            self._module.take_pending()
+            self._module.discard_pending()
 
     def _hook_time(self) -> float:
         return self._module.hook_time_s if self._module is not None else 0.0
@@ -640,4 +867,4 @@ class ExactProvider:
         else:
             module.disable_hooks()
             module.detach_hooks()
-            module.take_pending()
+            module.discard_pending()

@@ -1,0 +1,229 @@
+"""The exact provider's invariant: every trainable parameter that gets a gradient gets
+its per-sample norms from the layer calls that use it, all of its uses covered; a
+parameter shared between calls is summed per sample before its norm; anything else is
+refused with one line naming the parameter. Every number is checked against
+``loop_sq_norms`` (float64, one sample at a time, ``torch.autograd.grad``), which
+shares no code with the provider."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from divebench.stats import ExactProvider
+from divebench.stats.exact import StatisticsRefused
+from divebench.stats.reference import drive_epoch, loop_sq_norms
+
+RTOL = 1e-5
+
+
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8, **kw):
+    provider = ExactProvider()
+    module = provider.wrap(model)
+    (stats,) = drive_epoch(provider, module, torch.optim.SGD(model.parameters(), lr=0.0), x, y, batch_size, **kw)
+    return stats
+
+
+def check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> None:
+    ref = loop_sq_norms(model, x, y, kw.get("loss_fn", F.cross_entropy)).sum().item()
+    stats = measure(model, x, y, **kw)
+    assert stats.sum_sq_norms == pytest.approx(ref, rel=RTOL)
+
+
+def feats(n: int = 16, d: int = 12, classes: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def tokens(n: int = 16, t: int = 6, vocab: int = 11, classes: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, t), generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+class SharedLinear(nn.Module):
+    """One weight used by two nn.Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 12)
+        self.b = nn.Linear(12, 12)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x).tanh()).tanh())
+
+
+class TiedEmbedding(nn.Module):
+    """A language-model head tied to the embedding (as GPT-2 does)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, t):
+        return self.out(self.mix(self.emb(t)).tanh().mean(dim=1))
+
+
+class TwiceApplied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 12)
+
+    def forward(self, x):
+        return self.lin(self.lin(x).relu())[:, :5]
+
+
+def test_a_weight_shared_by_two_linears_is_summed_before_its_norm() -> None:
+    torch.manual_seed(0)
+    check(SharedLinear(), *feats())
+
+
+def test_a_tied_embedding_and_output_weight() -> None:
+    torch.manual_seed(0)
+    x, _ = tokens()
+    y = torch.randint(0, 11, (16,), generator=torch.Generator().manual_seed(1))
+    check(TiedEmbedding(), x, y)
+
+
+def test_a_layer_applied_twice_per_forward() -> None:
+    torch.manual_seed(0)
+    check(TwiceApplied(), *feats())
+
+
+def test_shared_parameters_over_micro_batches_and_ragged_batches() -> None:
+    torch.manual_seed(0)
+    x, y = feats(n=21)
+    check(SharedLinear(), x, y, batch_size=8, max_micro_batch=3)
+
+
+class FunctionalChildOnly(nn.Module):
+    """The child's weight used through F.linear in the parent; the child never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(F.linear(x, self.proj.weight, self.proj.bias).tanh())
+
+
+class FunctionalAndModule(FunctionalChildOnly):
+    """The child runs, and its weight is also used through F.linear in the parent."""
+
+    def forward(self, x):
+        h = self.proj(x).tanh()
+        return self.head(F.linear(h, self.proj.weight).tanh())
+
+
+@pytest.mark.parametrize("model_cls", [FunctionalChildOnly, FunctionalAndModule])
+def test_a_parameter_used_outside_its_layer_is_refused_with_its_name(model_cls) -> None:
+    torch.manual_seed(0)
+    with pytest.raises(StatisticsRefused, match=r"parameter proj\.weight .*(outside)") as err:
+        measure(model_cls(), *feats())
+    assert "\n" not in str(err.value)
+
+
+def test_a_parameter_used_only_in_the_loss_is_refused() -> None:
+    """The model's output does not depend on it, so no layer call sees it; autograd
+    still gives it a gradient: the post-accumulate check names it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 5))
+    model.temperature = nn.Parameter(torch.ones(()))
+
+    def loss_fn(out, y):
+        return F.cross_entropy(out * model.temperature, y)
+
+    with pytest.raises(StatisticsRefused, match=r"parameter temperature received a gradient but no per-sample"):
+        measure(model, *feats(), loss_fn=loss_fn)
+
+
+def test_embedding_padding_rows_get_no_norm() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 8, padding_idx=0), nn.Flatten(), nn.Linear(48, 5))
+    x, y = tokens()
+    x[:, :2] = 0  # plenty of padding
+    check(model, x, y)
+
+
+def test_layernorm_without_bias_and_without_affine() -> None:
+    torch.manual_seed(0)
+    for ln in (nn.LayerNorm(12, bias=False), nn.LayerNorm(12, elementwise_affine=False), nn.LayerNorm(12)):
+        check(nn.Sequential(nn.Linear(12, 12), ln, nn.Linear(12, 5)), *feats())
+
+
+def test_linear_on_four_dimensional_inputs() -> None:
+    """Found while building the invariant: Opacus' Linear ghost-norm sampler returns
+    nothing for inputs of 4 or more dimensions (it handles 2 and 3), so the weight got a
+    gradient and no norm. The provider falls back to the per-sample gradient."""
+    from opacus.grad_sample.linear import compute_linear_norm_sample
+
+    layer = nn.Linear(4, 3)
+    assert compute_linear_norm_sample(layer, [torch.randn(2, 5, 6, 4)], torch.randn(2, 5, 6, 3)) == {}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Unflatten(1, (2, 3, 2)), nn.Linear(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(24, 5))
+    check(model, *feats())
+
+
+class TwoInputs(nn.Module):
+    """A layer without a per-sample sampler (torch.func fallback) called with a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(12))
+
+    def forward(self, x, mask=None):
+        return x * self.scale if mask is None else x * self.scale * mask
+
+
+class UsesTwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = TwoInputs()
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(self.gate(x, mask=(x > 0).float()))
+
+
+def test_a_fallback_layer_called_with_more_than_its_input_is_refused() -> None:
+    """torch.func replays a layer with its first input only: with a mask that would be
+    silently wrong, so it is refused, naming the layer."""
+    torch.manual_seed(0)
+    with pytest.raises(StatisticsRefused, match=r"layer gate \(TwoInputs\) is called with 1 positional and 1 keyword"):
+        measure(UsesTwoInputs(), *feats())
+    model = nn.Sequential(TwoInputs(), nn.Linear(12, 5))  # one input: measured, and right
+    check(model, *feats())
+
+
+def test_attention_and_recurrent_layers_are_refused_with_a_clear_line() -> None:
+    x = torch.randn(8, 4, 12)
+    y = torch.randint(0, 5, (8,))
+
+    class Att(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = nn.MultiheadAttention(12, 2, batch_first=True)
+            self.head = nn.Linear(12, 5)
+
+        def forward(self, x):
+            return self.head(self.att(x, x, x, need_weights=False)[0].mean(1))
+
+    class Rnn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(12, 12, batch_first=True)
+            self.head = nn.Linear(12, 5)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    for model, layer in ((Att(), "att"), (Rnn(), "rnn")):
+        with pytest.raises(StatisticsRefused, match=rf"layer {layer} \(\w+\) returns tuple"):
+            measure(model, x, y)
