@@ -186,6 +186,53 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
         sys.exit(1)
 
 
+@main.command("check-stats", context_settings={"ignore_unknown_options": False})
+@click.argument("settings", nargs=-1)
+def check_stats(settings: tuple[str, ...]) -> None:
+    """Check the exact statistics on a suite's model: divebench check-stats suite=NAME [model=M] [batches=K]
+
+    Runs the exact provider (what DiveBatch and every policy declaring
+    per-sample statistics use) on K batches of the suite's training data next to a
+    float64 per-sample reference, and prints Σ_i‖g_i‖² per parameter and the relative
+    error. Exit 0: every parameter agrees; 1: one disagrees, or the provider refuses the
+    model (the line names the parameter or layer); 2: bad input.
+
+    The provider runs in float64 unless dtype=float32 is given, so that the check sees
+    the algorithm, not float32 rounding.
+
+    \b
+    Keys: batches=K (default 2), tolerance=T (relative; default 1e-6 in float64,
+    1e-3 in float32), bn=contribution|paper (BatchNorm definition), and any run key
+    (model=, batch_size=, dtype=, data=fake ...).
+    Examples:
+      divebench check-stats suite=mnist1d
+      divebench check-stats suite=cifar10 data=fake batch_size=8 batches=1
+      divebench check-stats suite=synthetic model=my_transformer batches=4
+    """
+    from divebench import checkstats, engine
+    from divebench.config import ConfigError, get_suite, parse_overrides, resolve
+
+    reg = registry()
+    with as_user_errors():
+        overrides = parse_overrides(settings)
+        batches, tolerance, bn = checkstats.parse_options(overrides)
+        for key in ("policy", "resume"):
+            if key in overrides:
+                raise ConfigError(f"{key}= has no meaning for check-stats (it checks the model, not a policy)")
+        top = get_suite(overrides.get("suite", "mnist1d"), reg)
+        cfgs = [resolve(overrides, reg, suite_name=n) for n in (top.includes or [top.name])]
+        device = engine.resolve_device(cfgs[0]["device"])
+    failed = False
+    for cfg in cfgs:
+        with as_user_errors():
+            out = checkstats.check(cfg, reg, device, batches, tolerance, bn,
+                                   log=lambda s: click.echo(s, err=True))
+        click.echo(checkstats.format_outcome(out))
+        failed |= not out.passed
+    if failed:
+        sys.exit(1)
+
+
 def _sink_factory(mode: str) -> Callable[[], Any] | None:
     if mode == "off":
         return None

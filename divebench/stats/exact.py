@@ -478,6 +478,10 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         self.hook_time_s = 0.0
         self.eval_mode_layers: set[str] = set()
         self.pending_norms: list[torch.Tensor] = []
+        self._pending_params: list[nn.Parameter] = []
+        # per parameter Σ_i (scaled) ||g_i||² since recording began; None: not recorded
+        # (divebench check-stats sets a dict; the hooks' scale, see take_pending)
+        self.record: dict[nn.Parameter, torch.Tensor] | None = None
         self.batch_sizes_seen: set[int] = set()
         self._calls: list[_Call] = []
         self._accum: dict[nn.Parameter, torch.Tensor] = {}
@@ -564,8 +568,13 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         checking that every parameter that received a gradient got its norms."""
         for p, grads in self._accum.items():
             self.pending_norms.append(_row_norms(grads.reshape(grads.shape[0], -1)))
+            self._pending_params.append(p)
             self._delivered.add(p)
         missing = self._received - self._delivered
+        if self.record is not None:
+            for p, n in zip(self._pending_params, self.pending_norms, strict=True):
+                sq = n.double().square().sum()
+                self.record[p] = self.record[p] + sq if p in self.record else sq
         norms, self.pending_norms = self.pending_norms, []
         self._forget_calls()
         if missing and self.hooks_enabled:
@@ -587,7 +596,7 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         # until the garbage collector runs (measured: 2.4x the peak memory of an epoch).
         for call in self._calls:
             call.output_fn, call.boundary = None, set()
-        self._calls, self._accum = [], {}
+        self._calls, self._accum, self._pending_params = [], {}, []
         self._received.clear()  # cleared, not replaced: the parameters' hooks hold it
         self._delivered = set()
         self.batch_sizes_seen.clear()
@@ -715,6 +724,7 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
                 self._accum[p] = g.clone() if acc is None else acc + g
         for p in single:
             self.pending_norms.append(norms[p])
+            self._pending_params.append(p)
             self._delivered.add(p)
         self.batch_sizes_seen.add(x.shape[0])
         self.hook_time_s += time.perf_counter() - start
@@ -763,6 +773,14 @@ class ExactProvider:
 
     def min_micro_batches(self, batch_size: int) -> int:
         return 1
+
+    def record_per_parameter(self) -> dict[nn.Parameter, torch.Tensor]:
+        """From now on, also keep Σ_i ||g_i||² per parameter (as the hooks see it:
+        ``(loss_scale/m)²`` times the true value, see :meth:`after_micro_backward`) in
+        the returned dict, which the caller reads and clears (``divebench check-stats``)."""
+        module = self._require_module()
+        module.record = {}
+        return module.record
 
     def start_epoch(self, measure: bool, dataset_size: int) -> None:
         self._reset()

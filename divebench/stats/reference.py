@@ -44,15 +44,19 @@ def _float64_copy(model: nn.Module) -> nn.Module:
 
 
 def loop_sq_norms(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = F.cross_entropy
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = F.cross_entropy,
+    by_param: dict[str, float] | None = None,
 ) -> torch.Tensor:
-    """||∇ loss(x_i, y_i)||² for each sample, one sample at a time, in float64."""
+    """||∇ loss(x_i, y_i)||² for each sample, one sample at a time, in float64.
+
+    ``by_param``, if given, receives Σ_i ||∂loss_i/∂θ||² per parameter name."""
     ref = _float64_copy(model)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ref.modules()):
         raise ValueError(
             "loop_sq_norms is undefined for BatchNorm models; use contribution_sq_norms"
         )
-    params = [p for p in ref.parameters() if p.requires_grad]
+    named = [(k, p) for k, p in ref.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     x64 = x.to(torch.float64) if x.is_floating_point() else x
     out = torch.zeros(x.shape[0], dtype=torch.float64)
     for i in range(x.shape[0]):
@@ -61,6 +65,10 @@ def loop_sq_norms(
         out[i] = sum(
             (g.square().sum() for g in grads if g is not None), torch.zeros((), dtype=torch.float64)
         )
+        if by_param is not None:
+            for (k, _), g in zip(named, grads, strict=True):
+                if g is not None:
+                    by_param[k] = by_param.get(k, 0.0) + float(g.square().sum())
     return out
 
 
@@ -70,6 +78,7 @@ def contribution_sq_norms(
     y: torch.Tensor,
     loss_fn: LossFn = F.cross_entropy,
     bn: str = "contribution",
+    by_param: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-sample terms of the batch gradient, by per-sample parameter copies (float64).
 
@@ -99,6 +108,8 @@ def contribution_sq_norms(
             continue
         terms = g * n
         sq += terms.reshape(n, -1).square().sum(dim=1)
+        if by_param is not None:
+            by_param[name] = by_param.get(name, 0.0) + float(terms.square().sum())
         term_sums[name] = terms.sum(dim=0) / n
     batch_grad = {
         k: g for (k, _), g in zip(named, grads[len(names) :], strict=True) if g is not None
