@@ -202,18 +202,9 @@ def test_a_fallback_layer_called_with_more_than_its_input_is_refused() -> None:
     check(model, *feats())
 
 
-def test_attention_and_recurrent_layers_are_refused_with_a_clear_line() -> None:
+def test_recurrent_layers_are_refused_with_a_clear_line() -> None:
     x = torch.randn(8, 4, 12)
     y = torch.randint(0, 5, (8,))
-
-    class Att(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.att = nn.MultiheadAttention(12, 2, batch_first=True)
-            self.head = nn.Linear(12, 5)
-
-        def forward(self, x):
-            return self.head(self.att(x, x, x, need_weights=False)[0].mean(1))
 
     class Rnn(nn.Module):
         def __init__(self) -> None:
@@ -224,6 +215,59 @@ def test_attention_and_recurrent_layers_are_refused_with_a_clear_line() -> None:
         def forward(self, x):
             return self.head(self.rnn(x)[0][:, -1])
 
-    for model, layer in ((Att(), "att"), (Rnn(), "rnn")):
+    class Lstm(Rnn):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(12, 12, batch_first=True)
+
+    for model, layer in ((Lstm(), "rnn"), (Rnn(), "rnn")):
         with pytest.raises(StatisticsRefused, match=rf"layer {layer} \(\w+\) returns tuple"):
             measure(model, x, y)
+
+
+class Encoder(nn.Module):
+    """Token embedding, position embedding, a TransformerEncoderLayer (its
+    MultiheadAttention, feed-forward Linears and LayerNorms), a head on the last token."""
+
+    def __init__(self, vocab: int = 11, dim: int = 16, layer: str = "encoder") -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(6, dim)
+        if layer == "encoder":
+            self.block = nn.TransformerEncoderLayer(dim, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        else:
+            self.block = nn.TransformerDecoderLayer(dim, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, 5)
+        self.kind = layer
+
+    def forward(self, t):
+        h = self.emb(t) + self.pos(torch.arange(t.shape[1]).expand_as(t))
+        if self.kind == "encoder":
+            mask = nn.Transformer.generate_square_subsequent_mask(t.shape[1])
+            h = self.block(h, src_mask=mask, src_key_padding_mask=(t == 0))
+        else:
+            h = self.block(h, h.flip(1))
+        return self.head(h[:, -1])
+
+
+@pytest.mark.parametrize("layer", ["encoder", "decoder"])
+def test_transformer_layers_are_measured_exactly(layer) -> None:
+    """nn.MultiheadAttention (causal mask, key padding mask; cross-attention in the
+    decoder) through its replay sampler, the feed-forward Linears on 3-D inputs through
+    ghost norms, LayerNorms through their sampler."""
+    torch.manual_seed(0)
+    x, y = tokens()
+    x[:3, :2] = 0  # padded positions
+    model = Encoder(layer=layer)
+    module = ExactProvider().wrap(Encoder(layer=layer))
+    hooked = {name for name, _m, *_ in module._hooked}
+    assert {"block.self_attn", "block.linear1", "block.norm1", "emb", "pos", "head"} <= hooked
+    check(model, x, y)
+
+
+def test_attention_that_cannot_be_replayed_exactly_is_refused() -> None:
+    x, y = tokens()
+    model = Encoder()
+    model.block.self_attn.dropout = 0.1
+    with pytest.raises(StatisticsRefused, match=r"layer block\.self_attn \(MultiheadAttention\) has attention dropout 0\.1"):
+        measure(model, x, y)

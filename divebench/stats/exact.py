@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -426,6 +427,93 @@ def _node_edges(
     return edges, seen
 
 
+class _AttentionInputs:
+    """The inputs of one ``nn.MultiheadAttention`` call (detached), for its replay."""
+
+    __slots__ = ("query", "key", "value", "key_padding_mask", "attn_mask", "is_causal", "shape")
+
+    def __init__(self, bound: dict[str, Any]) -> None:
+        self.query = bound["query"].detach()
+        self.key = bound["key"].detach()
+        self.value = bound["value"].detach()
+        kpm = bound.get("key_padding_mask")
+        self.key_padding_mask = kpm.detach() if isinstance(kpm, torch.Tensor) else None
+        mask = bound.get("attn_mask")
+        self.attn_mask = mask.detach() if isinstance(mask, torch.Tensor) else None
+        self.is_causal = bool(bound.get("is_causal", False))
+        self.shape = self.query.shape  # (n, L, E): batch_first
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query.dtype
+
+
+def attention_grad_sample(
+    layer: nn.MultiheadAttention, activations: list[Any], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of ``nn.MultiheadAttention`` (batch_first, no attention
+    dropout, attention weights unused): the layer replayed one sample at a time under
+    ``torch.func.vmap`` with its own query, key, value and key-padding mask, the gradient
+    of <output_i, δ_i> for each sample i. Exact: each sample's output depends only on
+    that sample's inputs (the mask, if any, is shared)."""
+    from torch.func import functional_call, grad, vmap
+
+    inp: _AttentionInputs = activations[0]
+    trainable = {k: p for k, p in layer.named_parameters() if p.requires_grad}
+    fixed = {k: p.detach() for k, p in layer.named_parameters() if not p.requires_grad}
+    same_kv = inp.key is inp.query and inp.value is inp.query
+    dtype = backprops.dtype
+
+    def one(params: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            kpm: torch.Tensor | None, bp: torch.Tensor) -> torch.Tensor:
+        q1 = q.unsqueeze(0)
+        k1, v1 = (q1, q1) if same_kv else (k.unsqueeze(0), v.unsqueeze(0))
+        out = functional_call(
+            layer, {**params, **fixed}, (q1, k1, v1),
+            {"key_padding_mask": None if kpm is None else kpm.unsqueeze(0), "need_weights": False,
+             "attn_mask": inp.attn_mask, "is_causal": inp.is_causal},
+        )[0]
+        return (out * bp.unsqueeze(0)).sum()
+
+    params = {k: p.detach().to(dtype) for k, p in trainable.items()}
+    kpm_dim = None if inp.key_padding_mask is None else 0
+    with warnings.catch_warnings():
+        # torch has no vmap rule for CPU fused attention and loops over samples (said once
+        # per call otherwise); mask-type deprecation notes repeat the caller's own
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask.*")
+        grads = vmap(grad(one), in_dims=(None, 0, 0, 0, kpm_dim, 0))(
+            params, inp.query.to(dtype), inp.key.to(dtype), inp.value.to(dtype), inp.key_padding_mask,
+            backprops,
+        )
+    return {trainable[k]: g for k, g in grads.items()}
+
+
+def _attention_inputs(name: str, module: nn.MultiheadAttention, args: Any, kwargs: Any,
+                      output: Any) -> _AttentionInputs:
+    """The call's inputs, or a refusal naming what cannot be replayed exactly."""
+    import inspect
+
+    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    what = f"layer {name} (MultiheadAttention)"
+    if not module.batch_first:
+        raise StatisticsRefused(f"{what} has batch_first=False; per-sample norms need the batch first")
+    if module.dropout > 0:
+        raise StatisticsRefused(
+            f"{what} has attention dropout {module.dropout} in training; its per-sample "
+            "gradients replay the layer, which would draw other dropout masks: use dropout=0"
+        )
+    weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+    if isinstance(weights, torch.Tensor) and weights.requires_grad:
+        raise StatisticsRefused(f"{what} returns attention weights that carry gradients; call it "
+                                "with need_weights=False")
+    mask = bound.get("attn_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+        raise StatisticsRefused(f"{what} has a {mask.dim()}-D attn_mask; per-sample norms support "
+                                "a 2-D mask shared by the batch (and key_padding_mask per sample)")
+    return _AttentionInputs(bound)
+
+
 class _Call:
     """One application of a hooked layer in the current forward."""
 
@@ -500,6 +588,7 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         table[nn.Conv2d] = conv_norm_sample
         self.NORM_SAMPLERS = table
         fallback = norms_from_grad_sampler(ft_compute_per_sample_gradient)
+        self._attention_samplers: NormSampler = attention_grad_sample  # (grad samples)
         # name, module, norm sampler, grad sampler (per-sample gradients), whether the
         # torch.func fallback samples it (then it covers its children's parameters too)
         self._hooked: list[tuple[str, nn.Module, NormSampler, NormSampler, bool]] = []
@@ -619,6 +708,17 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
             # provider refuses such an epoch (Opacus skips eval-mode layers too).
             self.eval_mode_layers.add(name)
             return
+        if isinstance(module, nn.MultiheadAttention):
+            x_in: Any = _attention_inputs(name, module, args, kwargs, output)
+            output = output[0]
+            if not output.requires_grad:
+                return
+            grad_sampler = self._attention_samplers
+            sampler = norms_from_grad_sampler(grad_sampler)
+            boundary = {t.grad_fn for t in (*args, *kwargs.values())
+                        if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+            self._register_call(name, module, output, boundary, sampler, grad_sampler, x_in)
+            return
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             if isinstance(output, torch.Tensor):
                 return  # no gradient will flow through this call
@@ -633,7 +733,13 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
                 "with one input"
             )
         x = args[0].detach()
+        if isinstance(module, nn.Embedding):
+            x = x.contiguous()  # Opacus' embedding norm sampler views the indices flat
         boundary = {t.grad_fn for t in args if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+        self._register_call(name, module, output, boundary, sampler, grad_sampler, x)
+
+    def _register_call(self, name: str, module: nn.Module, output: torch.Tensor, boundary: set[Any],
+                       sampler: NormSampler, grad_sampler: NormSampler, x: Any) -> None:
         params = [p for p in self._covers[module] if p.requires_grad]
         call = _Call(name, module, params, output.grad_fn, boundary)
         self._calls.append(call)
@@ -703,6 +809,18 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         # (mean-reduced loss); norms are linear in it, so the provider applies that
         # factor once per micro-batch instead (see ExactProvider.after_micro_backward).
         single = [p for p in call.live if p not in call.accumulate]
+        # A sampler may replay the layer (attention): its own forward must not be hooked.
+        self.hooks_enabled = False
+        try:
+            self._sample(call, sampler, grad_sampler, x, grad, single)
+        finally:
+            self.hooks_enabled = True
+        self.batch_sizes_seen.add(x.shape[0])
+        self.hook_time_s += time.perf_counter() - start
+
+    def _sample(self, call: _Call, sampler: NormSampler, grad_sampler: NormSampler, x: Any,
+                grad: torch.Tensor, single: list[nn.Parameter]) -> None:
+        module = call.module
         norms = sampler(module, [x], grad) if single else {}
         missing = [p for p in single if p not in norms]
         if missing or call.accumulate:
@@ -726,8 +844,6 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
             self.pending_norms.append(norms[p])
             self._pending_params.append(p)
             self._delivered.add(p)
-        self.batch_sizes_seen.add(x.shape[0])
-        self.hook_time_s += time.perf_counter() - start
 
 
 class ExactProvider:
