@@ -202,27 +202,45 @@ def test_a_fallback_layer_called_with_more_than_its_input_is_refused() -> None:
     check(model, *feats())
 
 
-def test_recurrent_layers_are_refused_with_a_clear_line() -> None:
-    x = torch.randn(8, 4, 12)
-    y = torch.randint(0, 5, (8,))
+class Recurrent(nn.Module):
+    """Embedding, a 2-layer recurrent layer, a head on the last output and (LSTM) on the
+    final cell state too, with a learned initial state: every output carries gradient."""
 
-    class Rnn(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = nn.GRU(12, 12, batch_first=True)
-            self.head = nn.Linear(12, 5)
+    def __init__(self, kind: str, use_state: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.rnn = getattr(nn, kind)(6, 7, num_layers=2, batch_first=True)
+        self.h0 = nn.Linear(1, 14)  # the initial state, from a learned layer
+        self.head = nn.Linear(7, 5)
+        self.use_state = use_state
 
-        def forward(self, x):
-            return self.head(self.rnn(x)[0][:, -1])
+    def forward(self, t):
+        n = t.shape[0]
+        h0 = self.h0(torch.ones(n, 1, dtype=self.h0.weight.dtype)).reshape(n, 2, 7).transpose(0, 1).contiguous()
+        hx = (h0, torch.zeros_like(h0)) if isinstance(self.rnn, nn.LSTM) else h0
+        out, state = self.rnn(self.emb(t), hx if self.use_state else None)
+        last = state[0] if isinstance(state, tuple) else state
+        return self.head(out[:, -1] + last[-1]) if self.use_state else self.head(out[:, -1])
 
-    class Lstm(Rnn):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = nn.LSTM(12, 12, batch_first=True)
 
-    for model, layer in ((Lstm(), "rnn"), (Rnn(), "rnn")):
-        with pytest.raises(StatisticsRefused, match=rf"layer {layer} \(\w+\) returns tuple"):
-            measure(model, x, y)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("use_state", [False, True], ids=["output", "output+state"])
+def test_recurrent_layers_are_measured_exactly(kind, use_state) -> None:
+    torch.manual_seed(0)
+    x, y = tokens(n=12)
+    check(Recurrent(kind, use_state), x, y, batch_size=6)
+
+
+def test_recurrent_layers_that_cannot_be_replayed_are_refused() -> None:
+    x, y = tokens(n=8)
+    model = Recurrent("GRU", False)
+    model.rnn.dropout = 0.2
+    with pytest.raises(StatisticsRefused, match=r"layer rnn \(GRU\) has dropout 0\.2 between its layers"):
+        measure(model, x, y)
+    model = Recurrent("LSTM", False)
+    model.rnn.batch_first = False
+    with pytest.raises(StatisticsRefused, match=r"layer rnn \(LSTM\) needs batch_first=True"):
+        measure(model, x, y)
 
 
 class Encoder(nn.Module):

@@ -62,6 +62,11 @@ layer calls that use it, all its uses covered.
   none): else refused.
 - A layer sampled by the torch.func fallback and called with more than one input
   (a mask, a key and a value) is refused: the fallback replays it with one input.
+- ``nn.MultiheadAttention`` (:func:`attention_grad_sample`) and recurrent layers
+  (:func:`recurrent_grad_sample`) are replayed per sample with all their inputs; a
+  recurrent layer's outputs (output, h_n, c_n) are sampled after the backward, when
+  every output's gradient is known. Attention dropout or dropout between recurrent
+  layers is refused (a replay would draw other masks).
 
 Refusals raise :class:`StatisticsRefused` (a ``NotImplementedError``) with one line;
 the engine records the run as failed with that line, the suite goes on. Fixed here
@@ -514,15 +519,91 @@ def _attention_inputs(name: str, module: nn.MultiheadAttention, args: Any, kwarg
     return _AttentionInputs(bound)
 
 
+class _RecurrentInputs:
+    """The input and initial state of one recurrent layer call (detached)."""
+
+    __slots__ = ("x", "hx", "shape")
+
+    def __init__(self, x: torch.Tensor, hx: tuple[torch.Tensor, ...] | None) -> None:
+        self.x, self.hx, self.shape = x, hx, x.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+
+def _store_grad(store: list[torch.Tensor | None], i: int, grad: torch.Tensor) -> None:
+    store[i] = grad if store[i] is None else store[i] + grad
+
+
+def _recurrent_inputs(name: str, module: nn.RNNBase, args: Any, kwargs: Any) -> _RecurrentInputs:
+    what = f"layer {name} ({type(module).__name__})"
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor):
+        raise StatisticsRefused(f"{what} is called with a {type(x).__name__}; per-sample norms need a "
+                                "padded batch tensor (no PackedSequence)")
+    if not module.batch_first or x.dim() != 3:
+        raise StatisticsRefused(f"{what} needs batch_first=True and a batched (n, T, features) input "
+                                "for per-sample norms")
+    if module.dropout > 0 and module.num_layers > 1:
+        raise StatisticsRefused(f"{what} has dropout {module.dropout} between its layers; its per-sample "
+                                "gradients replay it, which would draw other masks: use dropout=0")
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    if hx is not None:
+        hx = tuple(t.detach() for t in (hx if isinstance(hx, tuple) else (hx,)))
+    return _RecurrentInputs(x.detach(), hx)
+
+
+def _recurrent_outputs(output: Any) -> list[torch.Tensor]:
+    """(output, h_n) or (output, (h_n, c_n)), flattened."""
+    out, state = output
+    return [out, *(state if isinstance(state, tuple) else (state,))]
+
+
+def recurrent_grad_sample(
+    layer: nn.RNNBase, activations: list[Any], backprops: list[torch.Tensor | None]
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (batch_first): the layer
+    replayed on one sample at a time (its own input and initial state; the batch is
+    dimension 0 of the output and dimension 1 of h_n, c_n and hx), the gradient of
+    Σ_k <output_k, δ_k> over the outputs that received gradients. Exact; costs a forward
+    and backward of the layer per sample (torch.func's vmap has no rule for GRU/RNN)."""
+    inp: _RecurrentInputs = activations[0]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    n = inp.x.shape[0]
+    dtype = next((g.dtype for g in backprops if g is not None), inp.x.dtype)
+    out: list[list[torch.Tensor]] = [[] for _ in params]
+    with torch.enable_grad():
+        for i in range(n):
+            hx = None
+            if inp.hx is not None:
+                hx_i = tuple(h[:, i : i + 1].to(dtype) for h in inp.hx)
+                hx = hx_i if isinstance(layer, nn.LSTM) else hx_i[0]
+            outs = _recurrent_outputs(layer(inp.x[i : i + 1].to(dtype), hx))
+            total = torch.zeros((), dtype=dtype, device=inp.x.device)
+            for k, (o, g) in enumerate(zip(outs, backprops, strict=True)):
+                if g is not None:
+                    g_i = g[i : i + 1] if k == 0 else g[:, i : i + 1]
+                    total = total + (o * g_i).sum()
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+            for j, (p, gp) in enumerate(zip(params, grads, strict=True)):
+                out[j].append(torch.zeros_like(p) if gp is None else gp)
+    return {p: torch.stack(gs) for p, gs in zip(params, out, strict=True)}
+
+
 class _Call:
     """One application of a hooked layer in the current forward."""
 
-    __slots__ = ("name", "module", "params", "output_fn", "boundary", "live", "accumulate", "edges")
+    __slots__ = ("name", "module", "params", "output_fns", "boundary", "live", "accumulate", "edges",
+                 "deferred")
 
-    def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter], output_fn: Any,
+    def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter], output_fns: list[Any],
                  boundary: set[Any]) -> None:
         self.name, self.module, self.params = name, module, params
-        self.output_fn, self.boundary = output_fn, boundary
+        self.output_fns, self.boundary = output_fns, boundary
+        # layers with several outputs (recurrent: output, h_n, c_n): their output
+        # gradients, collected during the backward and sampled after it
+        self.deferred: tuple[Any, NormSampler, NormSampler, list[torch.Tensor | None]] | None = None
         self.live: list[nn.Parameter] = list(params)  # the params this call gives gradient to
         self.accumulate: set[nn.Parameter] = set()  # params shared with other calls
         self.edges: dict[torch.Tensor, int] = {}
@@ -655,6 +736,15 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
     def take_pending(self) -> list[torch.Tensor]:
         """The per-sample norm vectors since the last call (one per parameter), after
         checking that every parameter that received a gradient got its norms."""
+        for call in self._calls:
+            if call.deferred is not None and any(g is not None for g in call.deferred[3]):
+                x_in, sampler, grad_sampler, grads_out = call.deferred
+                single = [p for p in call.live if p not in call.accumulate]
+                self.hooks_enabled = False
+                try:
+                    self._sample(call, sampler, grad_sampler, x_in, grads_out, single)  # type: ignore[arg-type]
+                finally:
+                    self.hooks_enabled = True
         for p, grads in self._accum.items():
             self.pending_norms.append(_row_norms(grads.reshape(grads.shape[0], -1)))
             self._pending_params.append(p)
@@ -684,7 +774,7 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         # the call's reference to that node, or the cycle keeps the layer inputs alive
         # until the garbage collector runs (measured: 2.4x the peak memory of an epoch).
         for call in self._calls:
-            call.output_fn, call.boundary = None, set()
+            call.output_fns, call.boundary, call.deferred = [], set(), None
         self._calls, self._accum, self._pending_params = [], {}, []
         self._received.clear()  # cleared, not replaced: the parameters' hooks hold it
         self._delivered = set()
@@ -707,6 +797,9 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
             # Its parameters would get gradients but no per-sample norms; the
             # provider refuses such an epoch (Opacus skips eval-mode layers too).
             self.eval_mode_layers.add(name)
+            return
+        if isinstance(module, nn.RNNBase):
+            self._recurrent_call(name, module, args, kwargs, output)
             return
         if isinstance(module, nn.MultiheadAttention):
             x_in: Any = _attention_inputs(name, module, args, kwargs, output)
@@ -738,10 +831,27 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         boundary = {t.grad_fn for t in args if isinstance(t, torch.Tensor) and t.grad_fn is not None}
         self._register_call(name, module, output, boundary, sampler, grad_sampler, x)
 
+    def _recurrent_call(self, name: str, module: nn.RNNBase, args: Any, kwargs: Any, output: Any) -> None:
+        x_in = _recurrent_inputs(name, module, args, kwargs)
+        outs = _recurrent_outputs(output)
+        live = [t for t in outs if t.requires_grad]
+        if not live:
+            return
+        boundary = {t.grad_fn for t in (*args, *kwargs.values(), *(x_in.hx or ()))
+                    if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+        params = [p for p in self._covers[module] if p.requires_grad]
+        call = _Call(name, module, params, [t.grad_fn for t in live], boundary)
+        grads: list[torch.Tensor | None] = [None] * len(outs)
+        call.deferred = (x_in, norms_from_grad_sampler(recurrent_grad_sample), recurrent_grad_sample, grads)
+        self._calls.append(call)
+        for i, t in enumerate(outs):
+            if t.requires_grad:
+                t.register_hook(partial(_store_grad, grads, i))
+
     def _register_call(self, name: str, module: nn.Module, output: torch.Tensor, boundary: set[Any],
                        sampler: NormSampler, grad_sampler: NormSampler, x: Any) -> None:
         params = [p for p in self._covers[module] if p.requires_grad]
-        call = _Call(name, module, params, output.grad_fn, boundary)
+        call = _Call(name, module, params, [output.grad_fn], boundary)
         self._calls.append(call)
         output.register_hook(partial(self._output_grad_hook, call, sampler, grad_sampler, x))
 
@@ -766,15 +876,15 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         total, reached = _node_edges(roots, set())
         owners: dict[nn.Parameter, list[_Call]] = {}
         for call in self._calls:
-            if call.output_fn not in reached:
+            if not any(fn in reached for fn in call.output_fns):
                 call.live = []
                 continue
-            call.edges, _ = _node_edges([call.output_fn], call.boundary)
+            call.edges, _ = _node_edges(call.output_fns, call.boundary)
             call.live = [p for p in call.params if total.get(p, 0) > 0]
             for p in call.live:
                 owners.setdefault(p, []).append(call)
         for call in self._calls:  # the walk is done: break the node -> hook -> call cycle
-            call.output_fn, call.boundary = None, set()
+            call.output_fns, call.boundary = [], set()
         for leaf in self._param_names:  # in the model's order: the first offender is named
             n = total.get(leaf, 0)
             if n == 0:
