@@ -26,7 +26,7 @@ def divebench_suites() -> list[Path]:
 
 @hookimpl
 def divebench_datasets() -> dict[str, Any]:
-    from divebench.data import cifar, synthetic, tinyimagenet
+    from divebench.data import cifar, modarith, synthetic, tinyimagenet
 
     return {
         "synthetic": synthetic.build_synthetic,
@@ -34,12 +34,13 @@ def divebench_datasets() -> dict[str, Any]:
         "cifar10": cifar.build_cifar10,
         "cifar100": cifar.build_cifar100,
         "tinyimagenet": tinyimagenet.build_tinyimagenet,
+        "modarith": modarith.build_modarith,
     }
 
 
 @hookimpl
 def divebench_models() -> dict[str, Any]:
-    from divebench.models import resnet, small
+    from divebench.models import resnet, small, transformer
 
     return {
         "logreg": small.build_logreg,
@@ -48,4 +49,5 @@ def divebench_models() -> dict[str, Any]:
         "small_cnn": small.build_small_cnn,
         "resnet18_cifar": resnet.build_resnet18_cifar,
         "resnet18": resnet.build_resnet18,
+        "transformer": transformer.build_transformer,
     }

@@ -25,7 +25,8 @@ def _rows(output: str) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("args", [("suite=mnist1d",), ("suite=synthetic", "batches=3")])
+@pytest.mark.parametrize("args", [("suite=mnist1d",), ("suite=synthetic", "batches=3"),
+                                  ("suite=modarith", "batch_size=8")])
 def test_builtin_suites_agree(args) -> None:
     res = run_cli("check-stats", *args)
     assert res.exit_code == 0, res.output
