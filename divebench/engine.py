@@ -184,10 +184,15 @@ def run_one(
             model = model.to(memory_format=torch.channels_last)
         policy = policy_cls(make_policy_config(entry, registry), ctx)
         provider = None
+        setup_error: tuple[str, str] | None = None  # (one line, traceback): fails this run only
         if policy_cls.stats is not None:
-            from divebench.stats import make_provider
+            from divebench.stats import provider_from_options
 
-            provider = make_provider(**policy.stats_options())
+            try:
+                provider = provider_from_options(policy.stats_options())
+            except Exception as exc:  # the plugin's options: its own run fails, the suite goes on
+                setup_error = (f"policy '{entry.policy}' (plugin '{plugin}'): {str(exc).splitlines()[0]}",
+                               traceback.format_exc())
         module = provider.wrap(model) if provider is not None else model
         if v["compile"]:
             module = torch.compile(module)  # warm-up is counted in train time (AlgoPerf rule)
@@ -244,6 +249,9 @@ def run_one(
 
     status, error = "complete", None
     try:
+        if setup_error is not None:
+            folder.log(setup_error[1])
+            raise InvalidDecision(setup_error[0])
         train(setup, clock, on_epoch, save, progress, epoch_state)
     except Diverged as exc:
         status, error = "diverged", str(exc)

@@ -236,6 +236,10 @@ def train(
                     "wall_time_s": clock.wall_time_s, "measured": stats is not None,
                     "grad_diversity": stats.diversity if stats else None,
                     "n_grad_diversity": stats.n_diversity if stats else None,
+                    # the sums behind them, so a rule can be re-derived from the file
+                    "sum_sq_norms": stats.sum_sq_norms if stats else None,
+                    "grad_sum_sq_norm": stats.grad_sum_sq_norm if stats else None,
+                    "stats_samples": stats.n_samples if stats else None,
                     "stats_time_s": stats_time_s, "peak_memory_mb": _peak_memory_mb(s.device),
                 }
                 on_epoch(row)

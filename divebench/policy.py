@@ -79,6 +79,10 @@ class SuiteContext:
     seed: int
 
 
+# stats_options() keys and their defaults (Policy.stats_options documents them)
+STATS_OPTIONS: dict[str, Any] = {"estimator": "exact", "bn": "contribution", "micro_batches": 4}
+
+
 @dataclass(frozen=True)
 class PolicyState:
     """Read-only state handed to a policy before each epoch (and step, if per-step)."""
@@ -88,7 +92,9 @@ class PolicyState:
     samples_seen: int  # training samples consumed so far
     train_time_s: float  # timed training so far (the clock's train region)
     dataset_size: int
-    batch_size: int  # current logical batch size (the last decision's)
+    # current logical batch size: the last decision's; at epoch 0, before any decision,
+    # the suite's B0 (``ctx.initial_batch_size``, the ``batch_size`` run key)
+    batch_size: int
     lr: float  # learning rate of the last step (base schedule × multiplier)
     lr_multiplier: float  # the last decision's multiplier
     last_eval: EvalResult | None  # latest evaluation, None before the first
@@ -150,8 +156,21 @@ class Policy:
         return None
 
     def stats_options(self) -> dict[str, Any]:
-        """Options for the statistics provider (e.g. ``estimator``, ``bn``)."""
-        return {}
+        """Options for the statistics provider of a policy that declares ``stats``;
+        any key left out takes its default (:data:`STATS_OPTIONS`):
+
+        - ``estimator`` (str, default ``"exact"``): ``exact`` (Opacus per-sample norms,
+          one ordinary backward), ``epoch`` (two-batch-size estimator over the epoch, no
+          per-sample work) or ``microbatch`` (the same within each batch);
+        - ``bn`` (str, default ``"contribution"``): the BatchNorm definition of
+          ``exact``, ``contribution`` or ``paper``;
+        - ``micro_batches`` (int >= 2, default 4): micro-batches per batch for
+          ``microbatch``.
+
+        An unknown key or a bad value fails this policy's run (status ``failed``, one
+        line in the progress output, the traceback in ``run.log``); the suite goes on.
+        """
+        return dict(STATS_OPTIONS)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state that ``load_state_dict`` restores (checkpoints)."""

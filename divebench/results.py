@@ -39,7 +39,7 @@ METRIC_FIELDS = (
     "epoch", "step", "samples_seen", "batch_size", "lr", "lr_multiplier", "train_loss",
     "train_acc", "val_loss", "val_acc", "train_time_s", "epoch_train_time_s", "eval_time_s",
     "other_time_s", "wall_time_s", "measured", "grad_diversity", "n_grad_diversity",
-    "stats_time_s", "peak_memory_mb",
+    "sum_sq_norms", "grad_sum_sq_norm", "stats_samples", "stats_time_s", "peak_memory_mb",
 )
 
 

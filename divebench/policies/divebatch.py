@@ -2,7 +2,8 @@
 measured gradient diversity Δ = Σ_i ||g_i||² / ||Σ_i g_i||², as its authors ran it.
 
 - Windows of ``resize_freq`` epochs; the last epoch of each window is a measurement
-  epoch while B < B_max (once B reaches B_max nothing is measured again).
+  epoch while B < B_max (once B reaches B_max nothing is measured again), except the
+  run's last epoch, whose statistic no decision would use.
 - After a measurement epoch: Δ̂ NaN/Inf -> B = B_max; else
   B <- int(min(max(δ·n·Δ̂, B), B_max)): never decreases, truncated (no rounding to
   powers of two), no lower clamp.
@@ -69,7 +70,9 @@ class DiveBatch(Policy):
         if state.stats is not None and state.epoch not in self.applied_epochs:
             self.batch_size = divebatch_rule(self.batch_size, state.stats.n_diversity, self.cfg.delta, self.b_max)
             self.applied_epochs.append(state.epoch)
-        measure = (state.epoch + 1) % self.cfg.resize_freq == 0 and self.batch_size < self.b_max
+        # the run's last epoch is not measured: no decision would ever use its statistic
+        measure = ((state.epoch + 1) % self.cfg.resize_freq == 0 and self.batch_size < self.b_max
+                   and state.epoch + 1 < self.ctx.epochs)
         mult = lr_scale(self.cfg.lr_scaling, self.batch_size, self.ctx.initial_batch_size)
         return Decision(self.batch_size, mult, measure)
 

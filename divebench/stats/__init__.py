@@ -17,6 +17,28 @@ from divebench.stats.exact import ExactProvider, unwrap
 ESTIMATORS: tuple[str, ...] = ("exact", "epoch", "microbatch")
 
 
+def provider_from_options(options: Any) -> StatsProvider:
+    """The provider for a policy's ``stats_options()``: missing keys take their defaults
+    (``divebench.policy.STATS_OPTIONS``); anything else raises ``ValueError`` naming the
+    key or value and what would be right."""
+    from divebench.policy import STATS_OPTIONS
+
+    if not isinstance(options, dict):
+        raise ValueError(f"stats_options() returned {type(options).__name__}; expected a dict with keys "
+                         f"{sorted(STATS_OPTIONS)}")
+    unknown = sorted(set(options) - set(STATS_OPTIONS))
+    if unknown:
+        raise ValueError(f"stats_options() has unknown key(s) {unknown}; the keys are {sorted(STATS_OPTIONS)}")
+    merged = {**STATS_OPTIONS, **options}
+    k = merged["micro_batches"]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+        raise ValueError(f"stats_options() micro_batches={k!r}; expected an int >= 2")
+    for key in ("estimator", "bn"):
+        if not isinstance(merged[key], str):
+            raise ValueError(f"stats_options() {key}={merged[key]!r}; expected a string")
+    return make_provider(merged["estimator"], merged["bn"], merged["micro_batches"])
+
+
 def make_provider(
     estimator: str, bn: str = "contribution", micro_batches: int = 4
 ) -> StatsProvider:
@@ -51,5 +73,6 @@ __all__ = [
     "MicroBatchEstimator",
     "StatsProvider",
     "make_provider",
+    "provider_from_options",
     "unwrap",
 ]
