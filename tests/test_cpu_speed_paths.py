@@ -149,9 +149,11 @@ def test_compile_true_gives_the_same_divebatch_run(tmp_path: Path) -> None:
     eager, compiled_rows = out["false"], out["true"]
     assert [r["batch_size"] for r in compiled_rows] == [r["batch_size"] for r in eager]
     assert len({r["batch_size"] for r in eager}) > 1  # the batch grew: the statistics drove it
+    assert eager[0]["measured"]  # epoch 1 (the last epoch is never measured)
     for a, b in zip(compiled_rows, eager, strict=True):
-        assert a["measured"] and b["measured"]
-        assert a["n_grad_diversity"] == pytest.approx(b["n_grad_diversity"], rel=1e-4)
+        assert a["measured"] == b["measured"]
+        if b["measured"]:
+            assert a["n_grad_diversity"] == pytest.approx(b["n_grad_diversity"], rel=1e-4)
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1e-3)
 
 

@@ -37,7 +37,7 @@ def _strip(obj):
 # once per process, and equivalent computations round differently in the last bits; a
 # resumed process may pick otherwise than the straight one did (seen: n·Δ̂ 9690.68772111
 # vs 9690.68771644). Everything else must match exactly.
-STATS_FIELDS = ("grad_diversity", "n_grad_diversity")
+STATS_FIELDS = ("grad_diversity", "n_grad_diversity", "sum_sq_norms", "grad_sum_sq_norm")
 
 
 def assert_same_rows(a: list[dict], b: list[dict]) -> None:
