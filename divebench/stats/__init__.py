@@ -9,6 +9,8 @@ holds slow float64 references used by the tests. The loop talks to all of them t
 
 from __future__ import annotations
 
+from typing import Any
+
 from divebench.stats.base import StatsProvider
 from divebench.stats.bn import BN_MODES
 from divebench.stats.estimators import EpochEstimator, MicroBatchEstimator
