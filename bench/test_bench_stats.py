@@ -191,3 +191,98 @@ def test_measured_epoch_vs_plain(
         passed = passed and ratio <= limit
     print("\n".join(messages))
     assert passed, "\n".join(messages)
+
+
+# ------------------------------------------------------- beside the libraries (printed)
+
+
+def _library_epoch(kind: str, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+                   y: torch.Tensor, batch_size: int) -> Callable[[], float]:
+    """One epoch that also gets every sample's squared gradient norm from a library;
+    returns Σ_i ||g_i||² (the step is the ordinary one)."""
+    import torch.nn.functional as F
+    from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+    from torch.func import functional_call, grad, vmap
+
+    if kind == "opacus_grad_sample":
+        module: nn.Module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    elif kind == "opacus_ghost_norm":
+        module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", strict=False,
+                                                      max_grad_norm=1e30, use_ghost_clipping=True)
+    else:
+        # batch-of-one BatchNorm under vmap cannot update running statistics in place
+        module = torch.func.replace_all_batch_norm_modules_(model)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def one_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, (p, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per_sample_grads = vmap(grad(one_loss), in_dims=(None, 0, 0))
+
+    def epoch() -> float:
+        total = 0.0
+        for start in range(0, x.shape[0], batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            m = xb.shape[0]
+            opt.zero_grad(set_to_none=True)
+            if kind == "torch_func":
+                g = per_sample_grads({k: v.detach() for k, v in params.items()}, xb, yb)
+                sq = sum(t.reshape(m, -1).square().sum(1) for t in g.values())
+                for k, p in params.items():
+                    p.grad = g[k].mean(0)
+            else:
+                F.cross_entropy(module(xb), yb).backward()
+                if kind == "opacus_grad_sample":
+                    sq = sum(p.grad_sample.reshape(m, -1).square().sum(1) for p in params.values())  # type: ignore[union-attr]
+                    for p in params.values():
+                        p.grad_sample = None  # type: ignore[attr-defined]
+                else:
+                    sq = module.get_norm_sample().square()  # type: ignore[operator]
+            total += float(sq.sum())  # type: ignore[union-attr]
+            opt.step()
+        return total
+
+    return epoch
+
+
+LIBRARIES = ("opacus_grad_sample", "opacus_ghost_norm", "torch_func")
+NOT_GATED = 1e9  # printed for comparison, never failed on
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("model_name", ["mnist1d", "cifar"])
+def test_exact_beside_the_libraries(model_name: str) -> None:
+    """Not a gate: the cost of a measured epoch (exact provider) printed beside the cost of
+    the same per-sample squared norms from Opacus' GradSampleModule (per-sample gradients
+    materialised), Opacus' ghost-norm module (its own hooks) and torch.func (vmap of
+    grad), each against its own plain epoch, same model, data and batch (B=128), CPU
+    time, one thread. For BatchNorm models torch.func's per-sample forward normalises
+    each sample by its own statistics (another quantity, same cost)."""
+    batch_size = 128
+    lines = [f"{model_name}, B={batch_size}: measured epoch / plain epoch, CPU time, 1 thread"]
+    sides = Sides(model_name, "exact", batch_size)
+    exact = paired_ratio(f"exact_{model_name}", timed(sides.measured_epoch), timed(sides.plain_epoch), 4,
+                         threshold=NOT_GATED, max_rounds=1)
+    lines.append(f"  divebench exact        {exact.ratio:6.2f}x")
+    ratios = {}
+    for kind in LIBRARIES:
+        model, x, y = workload(model_name)
+        plain_model = copy.deepcopy(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
+        epoch = _library_epoch(kind, model, opt, x, y, batch_size)
+
+        def plain(pm: nn.Module = plain_model, po: torch.optim.Optimizer = plain_opt) -> None:
+            drive_epoch(Plain(), pm, po, x, y, batch_size)
+
+        try:
+            assert epoch() > 0
+            res = paired_ratio(f"{kind}_{model_name}", timed(epoch), timed(plain), 4, threshold=NOT_GATED,
+                               max_rounds=1)
+            ratios[kind] = res.ratio
+            lines.append(f"  {kind:<22} {res.ratio:6.2f}x")
+        except Exception as exc:  # a library that cannot run this model: say so, go on
+            lines.append(f"  {kind:<22} cannot run: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+    print("\n".join(lines))
+    assert exact.ratio > 0 and ratios, "\n".join(lines)
