@@ -273,8 +273,9 @@ def test_exact_beside_the_libraries(model_name: str) -> None:
         plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
         epoch = _library_epoch(kind, model, opt, x, y, batch_size)
 
-        def plain(pm: nn.Module = plain_model, po: torch.optim.Optimizer = plain_opt) -> None:
-            drive_epoch(Plain(), pm, po, x, y, batch_size)
+        def plain(pm: nn.Module = plain_model, po: torch.optim.Optimizer = plain_opt,
+                  xs: torch.Tensor = x, ys: torch.Tensor = y) -> None:
+            drive_epoch(Plain(), pm, po, xs, ys, batch_size)
 
         try:
             assert epoch() > 0
