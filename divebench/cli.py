@@ -146,10 +146,14 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
         if shard:
             from divebench.sweep import shard as take_shard
 
+            total = len(matrix)
             try:
                 matrix = take_shard(matrix, shard)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+            if not matrix:
+                raise ConfigError(f"--shard {shard} selects no run: the matrix has {total} run(s) "
+                                  f"(entries x seeds); use at most {total} shards")
         resume = cfgs[0]["resume"]
         targets: dict[int, Path] = {}
         if resume and resume != "auto":

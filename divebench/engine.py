@@ -265,6 +265,12 @@ def run_one(
     except Exception as exc:  # a fault inside a policy/plugin/model: recorded, suite goes on
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         folder.log(traceback.format_exc())
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # Raised by the run's own code (a policy calling sys.exit, raising
+        # KeyboardInterrupt): real SIGINT/SIGTERM only set a flag in the loop (Interrupted).
+        status = "failed"
+        error = f"{type(exc).__name__}({exc}) raised by the run's code (policy, plugin or model); not a signal"
+        folder.log(traceback.format_exc())
     with clock.region("other"):
         summary = finish_summary(folder, summary, status, error, clock)
         if sink is not None:

@@ -98,7 +98,7 @@ def _collect(pm: pluggy.PluginManager, name: str, info: PluginInfo, reg: Registr
                 continue
             try:
                 staged[kind] = _entries(kind, impl.function())
-            except Exception as exc:  # a plugin's fault, whatever it is
+            except (Exception, SystemExit) as exc:  # a plugin's fault, whatever it is
                 _problem(reg, f"plugin '{name}': hook divebench_{kind} failed: {type(exc).__name__}: {exc}", strict)
                 info.status = f"skipped: divebench_{kind} failed"
                 return False
@@ -134,7 +134,7 @@ def load_plugins(strict: bool | None = None, extra: list[tuple[str, Any]] | None
         version = ep.dist.version if ep.dist is not None else "?"
         try:
             obj = ep.load()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a module that calls sys.exit on import too
             _problem(reg, f"plugin '{ep.name}' ({dist}) failed to import: {type(exc).__name__}: {exc}", strict)
             reg.plugins.append(PluginInfo(ep.name, version, f"entry point {dist}", "skipped: import failed"))
             continue
@@ -152,7 +152,7 @@ def load_plugins(strict: bool | None = None, extra: list[tuple[str, Any]] | None
         try:
             pm.register(obj, name=name)
             pm.check_pending()  # a misspelled hook (divebench_polices) is an error, not silence
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             if pm.has_plugin(name):
                 pm.unregister(name=name)
             _problem(reg, f"plugin '{name}' ({source}) failed to register: {type(exc).__name__}: {exc}", strict)

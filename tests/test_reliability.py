@@ -228,3 +228,78 @@ def test_keep_checkpoint_false_deletes_it_only_when_the_run_completes(tmp_path) 
     (run,) = (tmp_path / "diverged" / "synthetic").iterdir()
     assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
     assert len(read_rows(run)) == 2 and (run / "checkpoint.pt").exists()
+
+
+def _exiting_plugin():
+    """A plugin with policies whose decide_epoch exits the process or raises KeyboardInterrupt."""
+    from divebench.hookspecs import hookimpl
+    from divebench.policy import Policy
+
+    class Exits(Policy):
+        name = "exits"
+        description = "calls sys.exit(3) in its second epoch"
+
+        def decide_epoch(self, state):
+            if state.epoch == 1:
+                sys.exit(3)
+            from divebench.policy import Decision
+
+            return Decision(state.batch_size)
+
+    class Interrupts(Exits):
+        name = "interrupts"
+        description = "raises KeyboardInterrupt in its second epoch"
+
+        def decide_epoch(self, state):
+            if state.epoch == 1:
+                raise KeyboardInterrupt
+            return super().decide_epoch(state)
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def divebench_policies():
+            return [Exits, Interrupts]
+
+    return Plugin
+
+
+def test_a_policy_that_exits_or_interrupts_fails_its_own_run(tmp_path, register_plugin) -> None:
+    register_plugin("exiting", _exiting_plugin())
+    res = run_cli("run", "suite=synthetic", "policy=exits,interrupts,sgd-small", "seeds=0", "epochs=3",
+                  "n_samples=600", f"results_dir={tmp_path}", "wandb=off", "--no-report")
+    assert res.exit_code == 1, res.output
+    runs = {json.loads((r / "summary.json").read_text())["entry"]: r for r in (tmp_path / "synthetic").iterdir()}
+    for entry, what in (("exits", "SystemExit(3)"), ("interrupts", "KeyboardInterrupt()")):
+        summary = json.loads((runs[entry] / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["error"].startswith(what), summary
+        assert "Traceback" in (runs[entry] / "run.log").read_text()
+        assert f"{entry} seed 0] failed: {what}" in res.output
+    assert json.loads((runs["sgd-small"] / "summary.json").read_text())["status"] == "complete"
+
+
+def test_a_plugin_that_exits_on_import_is_a_failed_plugin(tmp_path) -> None:
+    """An installed plugin (a real entry point) whose module calls sys.exit(0) on import."""
+    pkg = tmp_path / "exitplug"
+    (pkg / "exitplug").mkdir(parents=True)
+    (pkg / "exitplug" / "__init__.py").write_text("import sys\nsys.exit(0)\n")
+    dist = pkg / "exitplug-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: exitplug\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[divebench]\nexitplug = exitplug\n")
+    env = os.environ | {"PYTHONPATH": str(pkg), "DIVEBENCH_STRICT_PLUGINS": "0"}
+    out = subprocess.run([sys.executable, "-m", "divebench.cli", "plugins"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "plugin 'exitplug' (exitplug) failed to import: SystemExit: 0" in out.stderr + out.stdout
+    strict = subprocess.run([sys.executable, "-m", "divebench.cli", "run", "suite=synthetic", "epochs=1",
+                             f"results_dir={tmp_path / 'r'}", "wandb=off"], env=env | {"DIVEBENCH_STRICT_PLUGINS": "1"},
+                            capture_output=True, text=True, timeout=120)
+    assert strict.returncode == 2 and "failed to import: SystemExit: 0" in strict.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_shard_that_selects_no_run_is_an_error(tmp_path) -> None:
+    res = run_cli("run", "suite=synthetic", "seeds=0", "--shard", "999/1000", f"results_dir={tmp_path}", "wandb=off")
+    assert res.exit_code == 2
+    assert "--shard 999/1000 selects no run: the matrix has 4 run(s)" in res.output
