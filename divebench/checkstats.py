@@ -21,6 +21,7 @@ or layer), and raises :class:`~divebench.config.ConfigError` (exit 2) for bad in
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,7 +95,16 @@ def parse_options(overrides: dict[str, str]) -> tuple[int, float | None, str]:
             tolerance = -1.0
         if not tolerance > 0 or not math.isfinite(tolerance):
             raise ConfigError(f"tolerance={raw!r} is not valid: expected a positive number (relative error, e.g. 1e-6)")
-    overrides.setdefault("dtype", "float64")
+    for key in list(overrides):  # a misspelled option of check-stats itself
+        close = difflib.get_close_matches(key, OPTIONS, n=1, cutoff=0.8)
+        if close and key not in OPTIONS and "." not in key:
+            from divebench.config import KEYS
+
+            if key not in KEYS:
+                raise ConfigError(f"unknown key '{key}'; did you mean '{close[0]}'? (check-stats keys: "
+                                  f"{', '.join(OPTIONS)}, and the run keys)")
+    # float64 by default; with bf16 autocast asked for, the run's float32
+    overrides.setdefault("dtype", "float32" if overrides.get("amp", "off") != "off" else "float64")
     bn = overrides.pop("bn", "contribution")
     if bn not in ("contribution", "paper"):
         raise ConfigError(f"bn={bn!r} is not valid: expected contribution or paper")
@@ -114,7 +124,10 @@ def check(cfg: RunConfig, registry: Any, device: torch.device, batches: int, tol
     batch_size = int(v["batch_size"])
     if data.train_size < batch_size:
         raise ConfigError(f"batch_size={batch_size} is larger than the training set ({data.train_size} samples)")
-    batches = min(batches, data.train_size // batch_size)
+    if batches > data.train_size // batch_size:
+        log(f"  batches={batches}: the training set holds {data.train_size // batch_size} batches of "
+            f"{batch_size}; checking those")
+        batches = data.train_size // batch_size
     dtype = getattr(torch, v["dtype"])
     builder = registry.models[v["model"]][0]
 
@@ -154,9 +167,12 @@ def check(cfg: RunConfig, registry: Any, device: torch.device, batches: int, tol
             F.cross_entropy(module(x), y).backward()
             provider.after_micro_backward(batch_size, 1.0)
             provider.after_batch(batch_size)
-        except (StatisticsRefused, RuntimeError) as exc:
+        except StatisticsRefused as exc:
             refused = str(exc).splitlines()[0]
             break
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # the model itself failed
+            raise ConfigError(f"model={v['model']} failed on suite {cfg.suite.name}'s data "
+                              f"(input {tuple(x.shape)}, {x.dtype}): {str(exc).splitlines()[0]}") from None
         for p, sq in recorder.items():  # the hooks' norms are ||g_i|| / m (mean loss)
             exact[names[p]] = exact.get(names[p], 0.0) + float(sq) * batch_size**2
         recorder.clear()

@@ -98,3 +98,19 @@ def test_bad_input_is_one_line_exit_2() -> None:
         res = run_cli("check-stats", "suite=mnist1d", *args)
         assert res.exit_code == 2, res.output
         assert msg in res.output and len(res.output.strip().splitlines()) == 1
+
+
+class TokenModelPlugin:
+    @staticmethod
+    @hookimpl
+    def divebench_models():
+        return {"tokens_only": lambda classes, shape, options: nn.Sequential(nn.Embedding(10, 4), nn.Flatten(),
+                                                                            nn.Linear(4 * shape[0], classes))}
+
+
+def test_a_model_that_fails_on_the_data_is_bad_input_not_a_refusal(register_plugin) -> None:
+    register_plugin("tokens", TokenModelPlugin)
+    res = run_cli("check-stats", "suite=synthetic", "model=tokens_only")
+    assert res.exit_code == 2, res.output
+    assert "model=tokens_only failed on suite synthetic's data" in res.output
+    assert len(res.output.strip().splitlines()) == 1

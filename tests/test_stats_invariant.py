@@ -289,3 +289,21 @@ def test_attention_that_cannot_be_replayed_exactly_is_refused() -> None:
     model.block.self_attn.dropout = 0.1
     with pytest.raises(StatisticsRefused, match=r"layer block\.self_attn \(MultiheadAttention\) has attention dropout 0\.1"):
         measure(model, x, y)
+
+
+class RandomInFallback(nn.Module):
+    """A top-level parameter makes the whole model one torch.func-sampled layer; its
+    dropout cannot be replayed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(12))
+        self.lin = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.lin(F.dropout(x * self.scale, 0.1, self.training))
+
+
+def test_random_operations_in_a_replayed_layer_are_refused_naming_it() -> None:
+    with pytest.raises(StatisticsRefused, match=r"layer <model> \(RandomInFallback\) uses random operations"):
+        measure(RandomInFallback(), *feats())

@@ -688,7 +688,7 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
             else:
                 sampler = table.get(type(module), fallback)
                 grad_sampler = grad_samplers[type(module)]
-            name = names.get(id(module), type(module).__name__)
+            name = names.get(id(module)) or "<model>"  # "" is the model itself
             self._covers[module] = list(module.parameters(recurse=functorch))
             self._hooked.append((name, module, sampler, grad_sampler, functorch))
         self.attach_hooks()
@@ -740,11 +740,7 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
             if call.deferred is not None and any(g is not None for g in call.deferred[3]):
                 x_in, sampler, grad_sampler, grads_out = call.deferred
                 single = [p for p in call.live if p not in call.accumulate]
-                self.hooks_enabled = False
-                try:
-                    self._sample(call, sampler, grad_sampler, x_in, grads_out, single)  # type: ignore[arg-type]
-                finally:
-                    self.hooks_enabled = True
+                self._sample_guarded(call, sampler, grad_sampler, x_in, grads_out, single)
         for p, grads in self._accum.items():
             self.pending_norms.append(_row_norms(grads.reshape(grads.shape[0], -1)))
             self._pending_params.append(p)
@@ -919,14 +915,35 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         # (mean-reduced loss); norms are linear in it, so the provider applies that
         # factor once per micro-batch instead (see ExactProvider.after_micro_backward).
         single = [p for p in call.live if p not in call.accumulate]
-        # A sampler may replay the layer (attention): its own forward must not be hooked.
-        self.hooks_enabled = False
-        try:
-            self._sample(call, sampler, grad_sampler, x, grad, single)
-        finally:
-            self.hooks_enabled = True
+        self._sample_guarded(call, sampler, grad_sampler, x, grad, single)
         self.batch_sizes_seen.add(x.shape[0])
         self.hook_time_s += time.perf_counter() - start
+
+    def _sample_guarded(self, call: _Call, sampler: NormSampler, grad_sampler: NormSampler, x: Any,
+                        grad: Any, single: list[nn.Parameter]) -> None:
+        """:meth:`_sample` with the hooks off (a sampler may replay the layer, whose own
+        forward must not be hooked) and a sampler's failure refused, naming the layer."""
+        self.hooks_enabled = False
+        try:
+            with warnings.catch_warnings():
+                # Opacus' torch.func fallback autocasts when inputs are token ids
+                # (another dtype than the weights) and says so on every call
+                warnings.filterwarnings("ignore", message=".*CPU autocast.*")
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                self._sample(call, sampler, grad_sampler, x, grad, single)
+        except StatisticsRefused:
+            raise
+        except RuntimeError as exc:
+            what = f"layer {call.name} ({type(call.module).__name__})"
+            self.discard_pending()
+            if "random" in str(exc):
+                raise StatisticsRefused(
+                    f"{what} uses random operations (dropout) in training: its per-sample gradients "
+                    "replay it, which would draw other random numbers; use dropout=0 in it"
+                ) from exc
+            raise StatisticsRefused(f"{what}: its per-sample gradients failed: {str(exc).splitlines()[0]}") from exc
+        finally:
+            self.hooks_enabled = True
 
     def _sample(self, call: _Call, sampler: NormSampler, grad_sampler: NormSampler, x: Any,
                 grad: torch.Tensor, single: list[nn.Parameter]) -> None:
@@ -1018,7 +1035,7 @@ class ExactProvider:
         start = time.perf_counter()
         module = self._require_module()
         if module.eval_mode_layers:
-            raise RuntimeError(
+            raise StatisticsRefused(
                 "per-sample norms are undefined for layers run in eval mode during a measured "
                 f"epoch (their parameters still train): {sorted(module.eval_mode_layers)}"
             )
