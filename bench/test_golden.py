@@ -344,10 +344,11 @@ def _level_skip_reason(level: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def level_runs(update_golden: bool) -> Iterator[dict[str, subprocess.Popen[str]]]:
     """test_golden rerun in one fresh process per dispatch level to check, all started
-    at once (each uses one thread, so two levels take one level's time on 2 cores)."""
+    when this module starts (each uses one thread: they run beside the in-process checks,
+    and the dispatch-level tests at the end collect them)."""
     procs: dict[str, subprocess.Popen[str]] = {}
     if not update_golden:
         cmd = [sys.executable, "-m", "pytest", f"{Path(__file__)}::test_golden", "-q", "-p", "no:cacheprovider",

@@ -292,11 +292,8 @@ def test_a_plugin_that_exits_on_import_is_a_failed_plugin(tmp_path) -> None:
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "plugin 'exitplug' (exitplug) failed to import: SystemExit: 0" in out.stderr + out.stdout
-    strict = subprocess.run([sys.executable, "-m", "divebench.cli", "run", "suite=synthetic", "epochs=1",
-                             f"results_dir={tmp_path / 'r'}", "wandb=off"], env=env | {"DIVEBENCH_STRICT_PLUGINS": "1"},
-                            capture_output=True, text=True, timeout=120)
-    assert strict.returncode == 2 and "failed to import: SystemExit: 0" in strict.stderr
-    assert not (tmp_path / "r").exists()
+    assert "builtin" in out.stdout  # the listing went on
+    # (strict mode turns the same problem into exit 2: tests/test_plugins.py)
 
 
 def test_a_shard_that_selects_no_run_is_an_error(tmp_path) -> None:
