@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -35,7 +36,7 @@ from divebench.config import (
 from divebench.data.base import DataBundle
 from divebench.loop import Diverged, Interrupted, Progress, Setup, train
 from divebench.policy import InvalidDecision
-from divebench.results import ResultsError, RunFolder, environment, new_run_dir
+from divebench.results import ResultsError, RunFolder, environment, lock_run, new_run_dir
 
 # Keys that do not change what a run computes: ignored when matching a run to resume.
 NON_RESULT_KEYS = {"resume", "keep_checkpoint", "results_dir", "wandb", "wandb_project", "policy", "seeds", "device", "threads"}
@@ -158,6 +159,20 @@ def run_one(
     cfg: RunConfig, registry: Any, entry: Entry, seed: int, data: DataBundle, device: torch.device,
     console: Console, resume_dir: Path | None = None, sink_factory: Callable[[], Any] | None = None,
 ) -> RunResult:
+    """:func:`_run_one` holding the run folder's writer lock (:func:`results.lock_run`)
+    from the moment the folder is chosen until the run's files are final."""
+    locks: list[int] = []
+    try:
+        return _run_one(cfg, registry, entry, seed, data, device, console, resume_dir, sink_factory, locks)
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+def _run_one(
+    cfg: RunConfig, registry: Any, entry: Entry, seed: int, data: DataBundle, device: torch.device,
+    console: Console, resume_dir: Path | None, sink_factory: Callable[[], Any] | None, locks: list[int],
+) -> RunResult:
     """Train one (entry, seed) and write its run folder; never raises for a run's own
     failure (it is recorded), only for signals and user errors found before it starts."""
     v = cfg.values
@@ -203,6 +218,7 @@ def run_one(
         config = run_config_dict(cfg, entry, seed)
         if resume_dir is None:
             run_id, path = new_run_dir(Path(v["results_dir"]), cfg.suite.name, entry.name, seed)
+            locks.append(lock_run(path))
             folder = RunFolder(path, run_id)
             folder.write_config(config)
             env = environment(device, registry.plugin_versions()) | {
@@ -212,6 +228,7 @@ def run_one(
             state = None
         else:
             path, run_id = resume_dir, resume_dir.name
+            locks.append(lock_run(path))  # before anything is read or truncated
             folder = RunFolder(path, run_id)
             state = ckpt.load(path / ckpt.FILENAME, device)
             env = prior_env or {}

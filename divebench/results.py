@@ -47,6 +47,34 @@ class ResultsError(Exception):
     """The results directory cannot be written: a user-facing one-line message."""
 
 
+LOCK_NAME = ".lock"
+
+
+def lock_run(path: Path) -> int:
+    """Take the run folder's writer lock (``fcntl.flock`` on ``<run>/.lock``), held until
+    the returned descriptor is closed; the OS releases it when the holder dies. A run
+    that another process holds raises :class:`ResultsError` naming that process."""
+    import fcntl
+
+    try:
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ResultsError(f"cannot open the lock of run {path.name}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ResultsError(
+            f"run {path.name} is being written by {holder}; one process per run: wait for it to "
+            "end (or stop it), then resume"
+        ) from None
+    os.ftruncate(fd, 0)
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()} (since {when})".encode())
+    return fd
+
+
 def _clean(obj: Any) -> Any:
     """JSON-safe: non-finite floats become strings ('nan', 'inf') instead of invalid JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -300,3 +300,26 @@ def test_a_shard_that_selects_no_run_is_an_error(tmp_path) -> None:
     res = run_cli("run", "suite=synthetic", "seeds=0", "--shard", "999/1000", f"results_dir={tmp_path}", "wandb=off")
     assert res.exit_code == 2
     assert "--shard 999/1000 selects no run: the matrix has 4 run(s)" in res.output
+
+
+def test_one_writer_per_run(tmp_path) -> None:
+    """A run whose folder another process holds (a real flock: taken here) is refused,
+    naming the holder; once the holder lets go the same resume goes ahead."""
+    from divebench.results import lock_run
+
+    args = ("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=2", "n_samples=600",
+            f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q")
+    assert run_cli(*args).exit_code == 0
+    (run,) = (tmp_path / "synthetic").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(summary | {"status": "interrupted"}))  # as if stopped
+    fd = lock_run(run)
+    try:
+        res = run_cli(*args, f"resume={run.name}")
+        assert res.exit_code == 2, res.output
+        assert f"run {run.name} is being written by process {os.getpid()} on" in res.output
+        assert len(res.output.strip().splitlines()) == 1
+    finally:
+        os.close(fd)
+    res = run_cli(*args, f"resume={run.name}")
+    assert res.exit_code == 0, res.output
