@@ -594,16 +594,17 @@ def recurrent_grad_sample(
 class _Call:
     """One application of a hooked layer in the current forward."""
 
-    __slots__ = ("name", "module", "params", "output_fns", "boundary", "live", "accumulate", "edges",
-                 "deferred")
+    __slots__ = ("name", "module", "params", "sampler", "grad_sampler", "output_fns", "boundary", "live",
+                 "accumulate", "edges", "deferred")
 
-    def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter], output_fns: list[Any],
-                 boundary: set[Any]) -> None:
+    def __init__(self, name: str, module: nn.Module, params: list[nn.Parameter], sampler: NormSampler,
+                 grad_sampler: NormSampler, output_fns: list[Any], boundary: set[Any]) -> None:
         self.name, self.module, self.params = name, module, params
+        self.sampler, self.grad_sampler = sampler, grad_sampler  # norms; per-sample gradients
         self.output_fns, self.boundary = output_fns, boundary
-        # layers with several outputs (recurrent: output, h_n, c_n): their output
-        # gradients, collected during the backward and sampled after it
-        self.deferred: tuple[Any, NormSampler, NormSampler, list[torch.Tensor | None]] | None = None
+        # layers with several outputs (recurrent: output, h_n, c_n): their inputs and
+        # output gradients, collected during the backward and sampled after it
+        self.deferred: tuple[Any, list[torch.Tensor | None]] | None = None
         self.live: list[nn.Parameter] = list(params)  # the params this call gives gradient to
         self.accumulate: set[nn.Parameter] = set()  # params shared with other calls
         self.edges: dict[torch.Tensor, int] = {}
@@ -669,7 +670,10 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         table[nn.Conv2d] = conv_norm_sample
         self.NORM_SAMPLERS = table
         fallback = norms_from_grad_sampler(ft_compute_per_sample_gradient)
-        self._attention_samplers: NormSampler = attention_grad_sample  # (grad samples)
+        # layers replayed per sample with all their inputs (their whole subtree's params)
+        replayed: dict[type, NormSampler] = {
+            nn.MultiheadAttention: attention_grad_sample, nn.RNNBase: recurrent_grad_sample,
+        }
         # name, module, norm sampler, grad sampler (per-sample gradients), whether the
         # torch.func fallback samples it (then it covers its children's parameters too)
         self._hooked: list[tuple[str, nn.Module, NormSampler, NormSampler, bool]] = []
@@ -682,7 +686,10 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         names = {id(m): name for name, m in self._module.named_modules()}
         for module in self.iterate_submodules(self._module):
             functorch = force_functorch or type(module) not in self.GRAD_SAMPLERS
-            if functorch:
+            replay = next((f for t, f in replayed.items() if isinstance(module, t)), None)
+            if replay is not None:
+                sampler, grad_sampler = norms_from_grad_sampler(replay), replay
+            elif functorch:
                 prepare_layer(module, batch_first=batch_first)
                 sampler, grad_sampler = fallback, ft_compute_per_sample_gradient
             else:
@@ -737,10 +744,8 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         """The per-sample norm vectors since the last call (one per parameter), after
         checking that every parameter that received a gradient got its norms."""
         for call in self._calls:
-            if call.deferred is not None and any(g is not None for g in call.deferred[3]):
-                x_in, sampler, grad_sampler, grads_out = call.deferred
-                single = [p for p in call.live if p not in call.accumulate]
-                self._sample_guarded(call, sampler, grad_sampler, x_in, grads_out, single)
+            if call.deferred is not None and any(g is not None for g in call.deferred[1]):
+                self._sample_guarded(call, *call.deferred)
         for p, grads in self._accum.items():
             self.pending_norms.append(_row_norms(grads.reshape(grads.shape[0], -1)))
             self._pending_params.append(p)
@@ -795,15 +800,13 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
             self.eval_mode_layers.add(name)
             return
         if isinstance(module, nn.RNNBase):
-            self._recurrent_call(name, module, args, kwargs, output)
+            self._recurrent_call(name, module, sampler, grad_sampler, args, kwargs, output)
             return
         if isinstance(module, nn.MultiheadAttention):
             x_in: Any = _attention_inputs(name, module, args, kwargs, output)
             output = output[0]
             if not output.requires_grad:
                 return
-            grad_sampler = self._attention_samplers
-            sampler = norms_from_grad_sampler(grad_sampler)
             boundary = {t.grad_fn for t in (*args, *kwargs.values())
                         if isinstance(t, torch.Tensor) and t.grad_fn is not None}
             self._register_call(name, module, output, boundary, sampler, grad_sampler, x_in)
@@ -827,7 +830,8 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         boundary = {t.grad_fn for t in args if isinstance(t, torch.Tensor) and t.grad_fn is not None}
         self._register_call(name, module, output, boundary, sampler, grad_sampler, x)
 
-    def _recurrent_call(self, name: str, module: nn.RNNBase, args: Any, kwargs: Any, output: Any) -> None:
+    def _recurrent_call(self, name: str, module: nn.RNNBase, sampler: NormSampler, grad_sampler: NormSampler,
+                        args: Any, kwargs: Any, output: Any) -> None:
         x_in = _recurrent_inputs(name, module, args, kwargs)
         outs = _recurrent_outputs(output)
         live = [t for t in outs if t.requires_grad]
@@ -836,9 +840,9 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         boundary = {t.grad_fn for t in (*args, *kwargs.values(), *(x_in.hx or ()))
                     if isinstance(t, torch.Tensor) and t.grad_fn is not None}
         params = [p for p in self._covers[module] if p.requires_grad]
-        call = _Call(name, module, params, [t.grad_fn for t in live], boundary)
+        call = _Call(name, module, params, sampler, grad_sampler, [t.grad_fn for t in live], boundary)
         grads: list[torch.Tensor | None] = [None] * len(outs)
-        call.deferred = (x_in, norms_from_grad_sampler(recurrent_grad_sample), recurrent_grad_sample, grads)
+        call.deferred = (x_in, grads)
         self._calls.append(call)
         for i, t in enumerate(outs):
             if t.requires_grad:
@@ -847,9 +851,9 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
     def _register_call(self, name: str, module: nn.Module, output: torch.Tensor, boundary: set[Any],
                        sampler: NormSampler, grad_sampler: NormSampler, x: Any) -> None:
         params = [p for p in self._covers[module] if p.requires_grad]
-        call = _Call(name, module, params, [output.grad_fn], boundary)
+        call = _Call(name, module, params, sampler, grad_sampler, [output.grad_fn], boundary)
         self._calls.append(call)
-        output.register_hook(partial(self._output_grad_hook, call, sampler, grad_sampler, x))
+        output.register_hook(partial(self._output_grad_hook, call, x))
 
     def _root_forward_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         """The invariant, checked on the finished forward graph: every trainable
@@ -902,10 +906,7 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
                     c.accumulate.add(leaf)
         self.hook_time_s += time.perf_counter() - start
 
-    def _output_grad_hook(
-        self, call: _Call, sampler: NormSampler, grad_sampler: NormSampler, x: torch.Tensor,
-        grad: torch.Tensor,
-    ) -> None:
+    def _output_grad_hook(self, call: _Call, x: torch.Tensor, grad: torch.Tensor) -> None:
         start = time.perf_counter()
         module = call.module
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
@@ -914,13 +915,11 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         # Unscaled output gradient: Opacus would multiply it by the samples the layer saw
         # (mean-reduced loss); norms are linear in it, so the provider applies that
         # factor once per micro-batch instead (see ExactProvider.after_micro_backward).
-        single = [p for p in call.live if p not in call.accumulate]
-        self._sample_guarded(call, sampler, grad_sampler, x, grad, single)
+        self._sample_guarded(call, x, grad)
         self.batch_sizes_seen.add(x.shape[0])
         self.hook_time_s += time.perf_counter() - start
 
-    def _sample_guarded(self, call: _Call, sampler: NormSampler, grad_sampler: NormSampler, x: Any,
-                        grad: Any, single: list[nn.Parameter]) -> None:
+    def _sample_guarded(self, call: _Call, x: Any, grad: Any) -> None:
         """:meth:`_sample` with the hooks off (a sampler may replay the layer, whose own
         forward must not be hooked) and a sampler's failure refused, naming the layer."""
         self.hooks_enabled = False
@@ -930,7 +929,7 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
                 # (another dtype than the weights) and says so on every call
                 warnings.filterwarnings("ignore", message=".*CPU autocast.*")
                 warnings.filterwarnings("ignore", message=".*performance drop.*")
-                self._sample(call, sampler, grad_sampler, x, grad, single)
+                self._sample(call, x, grad)
         except StatisticsRefused:
             raise
         except RuntimeError as exc:
@@ -945,25 +944,23 @@ class GhostNormModule(GradSampleModuleFastGradientClipping):
         finally:
             self.hooks_enabled = True
 
-    def _sample(self, call: _Call, sampler: NormSampler, grad_sampler: NormSampler, x: Any,
-                grad: torch.Tensor, single: list[nn.Parameter]) -> None:
+    def _sample(self, call: _Call, x: Any, grad: Any) -> None:
         module = call.module
-        norms = sampler(module, [x], grad) if single else {}
+        single = [p for p in call.live if p not in call.accumulate]  # this call's norms alone
+        norms = call.sampler(module, [x], grad) if single else {}
         missing = [p for p in single if p not in norms]
         if missing or call.accumulate:
             # Layers whose norm sampler gave nothing for a parameter (Opacus' Linear ghost
             # norm for inputs of 4 or more dimensions), and parameters shared between
             # calls: per-sample gradients, from the layer's grad sampler.
-            grads = grad_sampler(module, [x], grad)
-            for p in missing:
+            grads = call.grad_sampler(module, [x], grad)
+            for p in (*missing, *call.accumulate):
                 if p not in grads:
                     raise self._refuse(p, f"got no per-sample gradient from layer {call.name} "
                                           f"({type(module).__name__})")
+            for p in missing:
                 norms[p] = _row_norms(grads[p].reshape(grads[p].shape[0], -1))
             for p in call.accumulate:
-                if p not in grads:
-                    raise self._refuse(p, f"got no per-sample gradient from layer {call.name} "
-                                          f"({type(module).__name__})")
                 g = grads[p]
                 acc = self._accum.get(p)
                 self._accum[p] = g.clone() if acc is None else acc + g
