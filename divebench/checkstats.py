@@ -129,20 +129,9 @@ def check(cfg: RunConfig, registry: Any, device: torch.device, batches: int, tol
             f"{batch_size}; checking those")
         batches = data.train_size // batch_size
     dtype = getattr(torch, v["dtype"])
-    builder = registry.models[v["model"]][0]
-
-    def build() -> nn.Module:
-        try:
-            return builder(data.num_classes, data.input_shape, dict(v)).to(device, dtype)  # type: ignore[no-any-return]
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise ConfigError(
-                f"model={v['model']} cannot be built for dataset={v['dataset']} "
-                f"(input {data.input_shape}, {data.num_classes} classes): {str(exc).splitlines()[0]}"
-            ) from None
-
     seed = int(v["seeds"][0]) if v["seeds"] else 0
     torch.manual_seed(seed)
-    model = build()
+    model = engine.build_model(cfg, registry, data, device)
     model.train()
     names = {p: k for k, p in model.named_parameters() if p.requires_grad}  # first name of a shared one
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -176,7 +165,7 @@ def check(cfg: RunConfig, registry: Any, device: torch.device, batches: int, tol
         for p, sq in recorder.items():  # the hooks' norms are ||g_i|| / m (mean loss)
             exact[names[p]] = exact.get(names[p], 0.0) + float(sq) * batch_size**2
         recorder.clear()
-        ref_model = build()
+        ref_model = engine.build_model(cfg, registry, data, device)
         ref_model.load_state_dict(snapshot)
         ref_model.train()
         xr, yr = x.detach().cpu(), y.cpu()

@@ -120,20 +120,12 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
             click.echo(f"{k:<16} {type_name(spec.type):<36} default {spec.default!r:<12} {spec.help}")
         return
     from divebench import engine
-    from divebench.config import ConfigError, parse_overrides, resolve, show
+    from divebench.config import ConfigError, parse_overrides, show
 
     reg = registry()
     with as_user_errors():
         overrides = parse_overrides(settings)
-        name = overrides.get("suite", "mnist1d")
-        from divebench.config import get_suite
-
-        top = get_suite(name, reg)
-        names = top.includes or [top.name]
-        for child in top.includes:
-            if child not in reg.suites:
-                raise ConfigError(f"suite {top.name} includes unknown suite '{child}'")
-        cfgs = [resolve(overrides, reg, suite_name=n) for n in names]
+        cfgs = _resolve_suites(overrides, reg)
         if show_config:
             click.echo("\n\n".join(show(c) for c in cfgs))
             return
@@ -190,6 +182,17 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
         sys.exit(1)
 
 
+def _resolve_suites(overrides: dict[str, str], reg: Any) -> list[Any]:
+    """The resolved config of ``suite=`` (of each suite a composite one runs)."""
+    from divebench.config import ConfigError, get_suite, resolve
+
+    top = get_suite(overrides.get("suite", "mnist1d"), reg)
+    for child in top.includes:
+        if child not in reg.suites:
+            raise ConfigError(f"suite {top.name} includes unknown suite '{child}'")
+    return [resolve(overrides, reg, suite_name=n) for n in (top.includes or [top.name])]
+
+
 @main.command("check-stats", context_settings={"ignore_unknown_options": False})
 @click.argument("settings", nargs=-1)
 def check_stats(settings: tuple[str, ...]) -> None:
@@ -214,7 +217,7 @@ def check_stats(settings: tuple[str, ...]) -> None:
       divebench check-stats suite=synthetic model=my_transformer batches=4
     """
     from divebench import checkstats, engine
-    from divebench.config import ConfigError, get_suite, parse_overrides, resolve
+    from divebench.config import ConfigError, parse_overrides
 
     reg = registry()
     with as_user_errors():
@@ -223,8 +226,7 @@ def check_stats(settings: tuple[str, ...]) -> None:
         for key in ("policy", "resume"):
             if key in overrides:
                 raise ConfigError(f"{key}= has no meaning for check-stats (it checks the model, not a policy)")
-        top = get_suite(overrides.get("suite", "mnist1d"), reg)
-        cfgs = [resolve(overrides, reg, suite_name=n) for n in (top.includes or [top.name])]
+        cfgs = _resolve_suites(overrides, reg)
         device = engine.resolve_device(cfgs[0]["device"])
     failed = False
     for cfg in cfgs:

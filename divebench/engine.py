@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from divebench import checkpoint as ckpt
 from divebench.clock import Clock
@@ -64,6 +65,20 @@ def lr_schedule(v: dict[str, Any]) -> Callable[[int], float]:
     if kind == "step":
         return lambda e: lr * v["lr_gamma"] ** (e // v["lr_step_size"])
     return lambda e: lr
+
+
+def build_model(cfg: RunConfig, registry: Any, data: DataBundle, device: torch.device) -> nn.Module:
+    """The run's model (its builder, on ``device`` in the run's dtype); a builder that
+    cannot take this dataset is a :class:`ConfigError` naming both."""
+    v = cfg.values
+    try:
+        model: nn.Module = registry.models[v["model"]][0](data.num_classes, data.input_shape, dict(v))
+        return model.to(device, getattr(torch, v["dtype"]))
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ConfigError(
+            f"model={v['model']} cannot be built for dataset={v['dataset']} "
+            f"(input {data.input_shape}, {data.num_classes} classes): {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def build_data(cfg: RunConfig, registry: Any, device: torch.device) -> DataBundle:
@@ -185,14 +200,7 @@ def _run_one(
         policy_cls, plugin = registry.policies[entry.policy]
         ctx = suite_context(cfg, data.train_size, seed)
         torch.manual_seed(seed)
-        model_builder = registry.models[v["model"]][0]
-        try:
-            model = model_builder(data.num_classes, data.input_shape, dict(v)).to(device, getattr(torch, v["dtype"]))
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise ConfigError(
-                f"model={v['model']} cannot be built for dataset={v['dataset']} "
-                f"(input {data.input_shape}, {data.num_classes} classes): {str(exc).splitlines()[0]}"
-            ) from None
+        model = build_model(cfg, registry, data, device)
         prior_env = read_env(resume_dir) if resume_dir is not None else None
         channels_last = _use_channels_last(data.input_shape, device, prior_env)
         if channels_last:
@@ -265,11 +273,12 @@ def _run_one(
         ckpt.save(path / ckpt.FILENAME, setup, p, clock, epoch_state)
 
     status, error = "complete", None
+    if setup_error is not None:
+        status, error = "failed", setup_error[0]
+        folder.log(setup_error[1])
     try:
-        if setup_error is not None:
-            folder.log(setup_error[1])
-            raise InvalidDecision(setup_error[0])
-        train(setup, clock, on_epoch, save, progress, epoch_state)
+        if setup_error is None:
+            train(setup, clock, on_epoch, save, progress, epoch_state)
     except Diverged as exc:
         status, error = "diverged", str(exc)
     except Interrupted as exc:
