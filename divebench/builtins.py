@@ -13,8 +13,10 @@ def divebench_policies() -> list[type[Any]]:
     from divebench.policies.adabatch import AdaBatch
     from divebench.policies.divebatch import DiveBatch
     from divebench.policies.sgd import FixedSGD
+    from divebench.policies.smith import Smith
+    from divebench.policies.steprules import GNS, NormTest
 
-    return [FixedSGD, AdaBatch, DiveBatch]
+    return [FixedSGD, AdaBatch, DiveBatch, GNS, NormTest, Smith]
 
 
 @hookimpl

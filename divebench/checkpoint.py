@@ -19,7 +19,7 @@ import torch
 
 from divebench.clock import Clock
 from divebench.loop import Progress, Setup
-from divebench.policy import Decision, EvalResult, GradStats
+from divebench.policy import Decision, EvalResult, GradStats, StepStats
 from divebench.results import atomic_write_bytes
 
 FILENAME = "checkpoint.pt"
@@ -41,6 +41,7 @@ def save(path: Any, setup: Setup, p: Progress, clock: Clock, epoch_state: dict[s
             "epoch": p.epoch, "step": p.step, "samples_seen": p.samples_seen, "lr": p.lr,
             "last_eval": vars(p.last_eval) if p.last_eval else None,
             "stats": vars(p.stats) if p.stats else None,
+            "step_stats": vars(p.step_stats) if p.step_stats else None,
             "decision": vars(p.decision) if p.decision else None,
         },
         "epoch_state": epoch_state,
@@ -74,6 +75,7 @@ def restore(state: dict[str, Any], setup: Setup, clock: Clock) -> tuple[Progress
         epoch=pr["epoch"], step=pr["step"], samples_seen=pr["samples_seen"], lr=pr["lr"],
         last_eval=EvalResult(**pr["last_eval"]) if pr["last_eval"] else None,
         stats=GradStats(**pr["stats"]) if pr["stats"] else None,
+        step_stats=StepStats(**pr["step_stats"]) if pr.get("step_stats") else None,
         decision=Decision(**pr["decision"]) if pr["decision"] else None,
     )
     return p, state["epoch_state"]

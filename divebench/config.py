@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -443,9 +445,24 @@ def resolve(overrides: dict[str, str], registry: Any, suite_name: str | None = N
     return cfg
 
 
+def lr_schedule(v: dict[str, Any]) -> Callable[[int], float]:
+    """The suite's base LR as a function of the (0-based) epoch."""
+    lr, epochs, kind = v["lr"], v["epochs"], v["lr_schedule"]
+    if kind == "cosine":
+        return lambda e: lr * 0.5 * (1 + math.cos(math.pi * e / epochs))
+    if kind == "multistep":
+        ms = sorted(v["lr_milestones"])
+        return lambda e: lr * v["lr_gamma"] ** sum(e >= m for m in ms)
+    if kind == "step":
+        return lambda e: lr * v["lr_gamma"] ** (e // v["lr_step_size"])
+    return lambda e: lr
+
+
 def suite_context(cfg: RunConfig, dataset_size: int, seed: int) -> SuiteContext:
     v = cfg.values
-    return SuiteContext(cfg.suite.name, dataset_size, v["batch_size"], v["max_batch_size"], v["epochs"], v["lr"], seed)
+    base = lr_schedule(v)
+    return SuiteContext(cfg.suite.name, dataset_size, v["batch_size"], v["max_batch_size"], v["epochs"], v["lr"], seed,
+                        lr_by_epoch=tuple(base(e) for e in range(v["epochs"])))
 
 
 def make_policy_config(entry: Entry, registry: Any) -> PolicyConfig:

@@ -10,7 +10,6 @@ goes on; a signal stops the suite after writing a checkpoint (status ``interrupt
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from divebench.config import (
     ConfigError,
     Entry,
     RunConfig,
+    lr_schedule,
     make_policy_config,
     suite_context,
     validate,
@@ -52,19 +52,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def lr_schedule(v: dict[str, Any]) -> Callable[[int], float]:
-    """The suite's base LR as a function of the (0-based) epoch."""
-    lr, epochs, kind = v["lr"], v["epochs"], v["lr_schedule"]
-    if kind == "cosine":
-        return lambda e: lr * 0.5 * (1 + math.cos(math.pi * e / epochs))
-    if kind == "multistep":
-        ms = sorted(v["lr_milestones"])
-        return lambda e: lr * v["lr_gamma"] ** sum(e >= m for m in ms)
-    if kind == "step":
-        return lambda e: lr * v["lr_gamma"] ** (e // v["lr_step_size"])
-    return lambda e: lr
 
 
 def build_model(cfg: RunConfig, registry: Any, data: DataBundle, device: torch.device) -> nn.Module:
@@ -212,7 +199,12 @@ def _run_one(
             from divebench.stats import provider_from_options
 
             try:
-                provider = provider_from_options(policy.stats_options())
+                if policy_cls.stats_scope not in ("epoch", "step"):
+                    raise ValueError(f"stats_scope={policy_cls.stats_scope!r}; expected 'epoch' or 'step'")
+                if policy_cls.stats_scope == "step" and not policy_cls.per_step:
+                    raise ValueError("stats_scope='step' needs per_step = True (step statistics "
+                                     "arrive at decide_step)")
+                provider = provider_from_options(policy.stats_options(), policy_cls.stats_scope)
             except Exception as exc:  # the plugin's options: its own run fails, the suite goes on
                 setup_error = (f"policy '{entry.policy}' (plugin '{plugin}'): {str(exc).splitlines()[0]}",
                                traceback.format_exc())
@@ -264,6 +256,9 @@ def _run_one(
     label = f"[{cfg.suite.name} {entry.name} seed {seed}]"
 
     def on_epoch(row: dict[str, Any]) -> None:
+        steps = row.pop("steps", None)
+        if steps:
+            folder.append_steps(steps)  # before the epoch's row: a row implies its steps
         folder.append_metrics(row)
         if sink is not None:
             sink.log_epoch(row)

@@ -22,7 +22,15 @@ from torch import nn
 from divebench.clock import Clock
 from divebench.data.base import DataBundle
 from divebench.data.sampler import PermutationSampler
-from divebench.policy import Decision, EvalResult, GradStats, Policy, PolicyState, validate_decision
+from divebench.policy import (
+    Decision,
+    EvalResult,
+    GradStats,
+    Policy,
+    PolicyState,
+    StepStats,
+    validate_decision,
+)
 from divebench.stats.base import StatsProvider
 
 
@@ -65,6 +73,7 @@ class Progress:
     samples_seen: int = 0
     last_eval: EvalResult | None = None
     stats: GradStats | None = None
+    step_stats: StepStats | None = None  # the last step's, if it was measured (step scope)
     decision: Decision | None = None
     lr: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -129,6 +138,7 @@ def train(
     sampler = PermutationSampler(n, s.seed, s.device)
     aug_gen = torch.Generator().manual_seed(s.seed * 7919 + 17)
     stop_signal: list[int] = []
+    step_scope = s.provider is not None and s.policy.stats_scope == "step"
     micro = [s.max_micro_batch]  # the largest micro-batch known to fit (lowered on OOM)
 
     def _on_signal(signum: int, frame: Any) -> None:
@@ -151,6 +161,7 @@ def train(
             correct = torch.zeros((), device=s.device, dtype=torch.long)
             seen = 0
             stats_time_s = 0.0
+            step_rows: list[dict[str, Any]] = []  # measured steps (step scope): steps.jsonl
             if s.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(s.device)
             with clock.region("train"):
@@ -158,7 +169,7 @@ def train(
                 if resume_epoch_state is None:
                     state = _state(s, p, clock, epoch, n)
                     decision = validate_decision(s.policy.decide_epoch(state), s.policy, s.plugin)
-                    measure = decision.measure and s.provider is not None
+                    measure = decision.measure and s.provider is not None and not step_scope
                     if s.provider is not None:
                         s.provider.start_epoch(measure, n)
                     sampler.start_epoch(epoch)
@@ -170,6 +181,8 @@ def train(
                     loss_sum += resume_epoch_state["loss_sum"]
                     correct += resume_epoch_state["correct"]
                     seen = resume_epoch_state["seen"]
+                    step_rows = list(resume_epoch_state.get("step_rows", []))
+                    stats_time_s = resume_epoch_state.get("stats_time_s", 0.0)
                     epoch_start_train_s -= resume_epoch_state["epoch_train_s"]
                     resume_epoch_state = None
                 assert decision is not None
@@ -185,12 +198,22 @@ def train(
                         break
                     # ---- (2)+(3) data, forward and backward; OOM halves the micro-batch
                     bsz = int(idx.shape[0])
+                    if step_scope:  # this step's own decision says whether it is measured
+                        assert s.provider is not None
+                        measure = decision.measure
+                        s.provider.start_step(measure)
                     batch_loss, batch_correct = _batch_with_oom_retry(s, idx, measure, aug_gen, micro)
                     loss_sum += batch_loss
                     correct += batch_correct
                     if measure:
                         assert s.provider is not None
                         s.provider.after_batch(bsz)
+                    if step_scope:
+                        assert s.provider is not None
+                        p.step_stats = s.provider.end_step(p.step)
+                        if p.step_stats is not None:
+                            stats_time_s += p.step_stats.time_s
+                            step_rows.append(_step_row(epoch, p.step_stats))
                     # ---- (4) the step: LR = base schedule x the policy's multiplier
                     p.lr = s.base_lr(epoch) * decision.lr_multiplier
                     for group in s.optimizer.param_groups:
@@ -212,6 +235,7 @@ def train(
                         "measure": measure, "sampler": sampler.state_dict(),
                         "aug_gen": aug_gen.get_state(), "loss_sum": float(loss_sum),
                         "correct": int(correct), "seen": seen,
+                        "step_rows": step_rows, "stats_time_s": stats_time_s,
                         "epoch_train_s": clock.train_time_s - epoch_start_train_s,
                     })
                 raise Interrupted(f"stopped by signal {stop_signal[0]} in epoch {epoch + 1}; checkpoint written")
@@ -234,6 +258,7 @@ def train(
                     "epoch_train_time_s": clock.train_time_s - epoch_start_train_s,
                     "eval_time_s": clock.eval_time_s, "other_time_s": clock.other_time_s,
                     "wall_time_s": clock.wall_time_s, "measured": stats is not None,
+                    "measured_steps": len(step_rows),
                     "grad_diversity": stats.diversity if stats else None,
                     "n_grad_diversity": stats.n_diversity if stats else None,
                     # the sums behind them, so a rule can be re-derived from the file
@@ -242,6 +267,8 @@ def train(
                     "stats_samples": stats.n_samples if stats else None,
                     "stats_time_s": stats_time_s, "peak_memory_mb": _peak_memory_mb(s.device),
                 }
+                if step_rows:
+                    row["steps"] = step_rows  # the sink writes them to steps.jsonl
                 on_epoch(row)
                 checkpoint(p, sampler, aug_gen, None)
     finally:
@@ -311,6 +338,17 @@ def _accumulate(
     return loss_sum, correct
 
 
+def _step_row(epoch: int, st: StepStats) -> dict[str, Any]:
+    """One measured step as a steps.jsonl row: the sums and the estimates derived from them."""
+    return {
+        "epoch": epoch + 1, "step": st.step, "batch_size": st.batch_size,
+        "sum_sq_norms": st.sum_sq_norms, "grad_sum_sq_norm": st.grad_sum_sq_norm,
+        "small_batch_size": st.small_batch_size, "small_sq_norm": st.small_sq_norm,
+        "trace_cov": st.trace_cov, "true_grad_sq_norm": st.true_grad_sq_norm,
+        "estimator": st.estimator, "time_s": st.time_s,
+    }
+
+
 def _state(s: Setup, p: Progress, clock: Clock, epoch: int, n: int) -> PolicyState:
     d = p.decision
     return PolicyState(
@@ -318,6 +356,6 @@ def _state(s: Setup, p: Progress, clock: Clock, epoch: int, n: int) -> PolicySta
         train_time_s=clock.train_time_s, dataset_size=n,
         batch_size=d.batch_size if d else s.policy.ctx.initial_batch_size,
         lr=p.lr, lr_multiplier=d.lr_multiplier if d else 1.0,
-        last_eval=p.last_eval, stats=p.stats,
+        last_eval=p.last_eval, stats=p.stats, step_stats=p.step_stats,
     )
 

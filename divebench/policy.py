@@ -18,9 +18,15 @@ Rules of the contract (the engine enforces every one of them):
 - ``lr_multiplier`` is finite and > 0; the learning rate of every step is the suite's
   base schedule at that epoch times this multiplier.
 - ``measure=True`` asks the engine to collect the gradient statistics the policy
-  declared in ``stats`` during the coming epoch; they arrive in ``state.stats`` at the
-  next ``decide_epoch``. Policies that declare ``stats = None`` never get any, and the
-  engine builds no statistics machinery for them.
+  declared in ``stats``. With ``stats_scope = "epoch"`` (the default) it holds for the
+  coming epoch: the epoch's sums (:class:`GradStats`) arrive in ``state.stats`` at the
+  next ``decide_epoch``. With ``stats_scope = "step"`` (which needs ``per_step = True``)
+  it holds for every step while the decision holds: each measured step's statistics
+  (:class:`StepStats`, that step's batch at that step's weights) arrive in
+  ``state.step_stats`` at the next ``decide_step`` (or ``decide_epoch``), so a rule that
+  measures every k-th step returns ``measure=True`` on those steps only and pays for
+  nothing else. Policies that declare ``stats = None`` never get any, and the engine
+  builds no statistics machinery for them.
 - ``state`` is read-only (a frozen dataclass). Anything the policy needs to remember
   lives on the policy object and must round-trip through ``state_dict`` /
   ``load_state_dict`` (it is part of every checkpoint).
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 StatsKind = Literal["per_sample_sq_norms"]
+StatsScope = Literal["epoch", "step"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,60 @@ class GradStats:
 
 
 @dataclass(frozen=True)
+class StepStats:
+    """Gradient statistics of one measured step: its batch of B samples, at the weights
+    of that step (``stats_scope = "step"``).
+
+    The two-batch-size view of McCandlish et al. 2018 ("An empirical model of
+    large-batch training", appendix A): the step's batch is the *big* batch and its
+    *small* batches are single samples (``exact``: per-sample gradients) or the k
+    micro-batches of the batch (``microbatch``). With P = Σ_j ||b_j·ĝ_j||² over the
+    small batches and A = Σ_j b_j²:
+
+    - ``small_batch_size`` = A/B (1 for ``exact``; m for k equal micro-batches of m);
+    - ``small_sq_norm`` = P/A, the mean squared norm of a small batch's mean gradient
+      |G_small|² (for ``exact``: Σ_i ||g_i||² / B);
+    - ``grad_sum_sq_norm`` = ||Σ_{i∈B} g_i||² = B²·|G_big|²;
+    - ``sum_sq_norms`` = Σ_{i∈B} ||g_i||²: exact, or for ``microbatch`` the unbiased
+      two-batch estimate (★ in :mod:`divebench.stats.estimators`) from P, A and
+      ``grad_sum_sq_norm``.
+
+    The derived properties are the unbiased estimators every rule uses: ``trace_cov``
+    (tr Σ, the per-sample gradient variance) and ``true_grad_sq_norm`` (||G||², the
+    squared norm of the expected gradient), from ``sum_sq_norms`` and B.
+    """
+
+    batch_size: int  # B, the step's logical batch
+    sum_sq_norms: float  # Σ_{i∈B} ||g_i||² (exact, or the microbatch estimate)
+    grad_sum_sq_norm: float  # ||Σ_{i∈B} g_i||²
+    small_batch_size: float  # A/B: 1 for exact, the micro-batch size for microbatch
+    small_sq_norm: float  # P/A: mean ||ĝ_small||² over the small batches
+    estimator: str  # "exact" or "microbatch"
+    step: int  # the step's index (0-based: optimiser steps taken before it)
+    time_s: float  # the provider's own time for this step
+
+    @property
+    def batch_grad_sq_norm(self) -> float:
+        """||ḡ_B||², the squared norm of the batch's mean gradient."""
+        return self.grad_sum_sq_norm / float(self.batch_size) ** 2
+
+    @property
+    def trace_cov(self) -> float:
+        """tr Σ ≈ (Σ_i ||g_i||² − B·||ḡ_B||²)/(B − 1), the unbiased sample variance of the
+        per-sample gradients (NaN for B = 1)."""
+        b = self.batch_size
+        if b < 2:
+            return math.nan
+        return (self.sum_sq_norms - b * self.batch_grad_sq_norm) / (b - 1)
+
+    @property
+    def true_grad_sq_norm(self) -> float:
+        """||G||² ≈ ||ḡ_B||² − tr Σ / B, unbiased (may be negative when noise dominates;
+        NaN for B = 1)."""
+        return self.batch_grad_sq_norm - self.trace_cov / self.batch_size
+
+
+@dataclass(frozen=True)
 class EvalResult:
     """One evaluation on the suite's validation split (accuracy as a fraction 0..1)."""
 
@@ -77,6 +138,14 @@ class SuiteContext:
     epochs: int
     base_lr: float
     seed: int
+    # the suite's base LR schedule, one value per epoch (empty: constant ``base_lr``)
+    lr_by_epoch: tuple[float, ...] = ()
+
+    def lr_at(self, epoch: int) -> float:
+        """The suite's base learning rate at ``epoch`` (0-based)."""
+        if not self.lr_by_epoch:
+            return self.base_lr
+        return self.lr_by_epoch[min(max(epoch, 0), len(self.lr_by_epoch) - 1)]
 
 
 # stats_options() keys and their defaults (Policy.stats_options documents them)
@@ -99,6 +168,8 @@ class PolicyState:
     lr_multiplier: float  # the last decision's multiplier
     last_eval: EvalResult | None  # latest evaluation, None before the first
     stats: GradStats | None  # statistics of the last epoch if it was measured
+    # statistics of the last step if it was measured (stats_scope = "step"); None otherwise
+    step_stats: StepStats | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +205,10 @@ class Policy:
         description: one line for ``divebench policies``.
         config_class: the typed config dataclass (subclass of :class:`PolicyConfig`).
         stats: the gradient statistics the policy needs, or ``None``.
+        stats_scope: ``"epoch"`` (``measure`` covers an epoch, :class:`GradStats` in
+            ``state.stats``) or ``"step"`` (``measure`` covers the steps its decision
+            holds for, :class:`StepStats` in ``state.step_stats``; needs ``per_step``
+            and the ``exact`` or ``microbatch`` estimator).
         per_step: whether ``decide_step`` must be called before every step.
     """
 
@@ -141,6 +216,7 @@ class Policy:
     description: ClassVar[str] = ""
     config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
     stats: ClassVar[StatsKind | None] = None
+    stats_scope: ClassVar[StatsScope] = "epoch"
     per_step: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig, ctx: SuiteContext) -> None:

@@ -4,6 +4,8 @@ Files of a run folder (the record; W&B only mirrors it):
 - ``config.yaml``  the resolved configuration of this run (entry, policy config, seed, ...)
 - ``env.json``     python, torch, CUDA, device, git SHA and dirty flag, plugin versions
 - ``metrics.jsonl`` one JSON row per completed epoch (fields: ``METRIC_FIELDS``)
+- ``steps.jsonl``  one JSON row per measured step of a policy with per-step statistics
+  (fields: ``STEP_FIELDS``), written with its epoch's row
 - ``summary.json`` status (running / complete / diverged / interrupted / failed), final
   and best accuracy, totals, error
 - ``checkpoint.pt`` latest end-of-epoch (or signal-time) checkpoint, for resume; kept
@@ -40,6 +42,11 @@ METRIC_FIELDS = (
     "train_acc", "val_loss", "val_acc", "train_time_s", "epoch_train_time_s", "eval_time_s",
     "other_time_s", "wall_time_s", "measured", "grad_diversity", "n_grad_diversity",
     "sum_sq_norms", "grad_sum_sq_norm", "stats_samples", "stats_time_s", "peak_memory_mb",
+    "measured_steps",
+)
+STEP_FIELDS = (
+    "epoch", "step", "batch_size", "sum_sq_norms", "grad_sum_sq_norm", "small_batch_size",
+    "small_sq_norm", "trace_cov", "true_grad_sq_norm", "estimator", "time_s",
 )
 
 
@@ -122,6 +129,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
 
 
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in rows)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not Path(path).exists():
         return []
@@ -169,6 +180,7 @@ class RunFolder:
         self.path = Path(path)
         self.run_id = run_id
         self.rows: list[dict[str, Any]] = read_jsonl(self.path / "metrics.jsonl")
+        self.step_rows: list[dict[str, Any]] = read_jsonl(self.path / "steps.jsonl")
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(_clean(config), sort_keys=False))
@@ -182,10 +194,18 @@ class RunFolder:
         atomic_write_text(self.path / "metrics.jsonl", text)
         self.rows = rows
 
+    def append_steps(self, rows: list[dict[str, Any]]) -> None:
+        """Add an epoch's measured-step rows to ``steps.jsonl``."""
+        self.step_rows = self.step_rows + rows
+        atomic_write_text(self.path / "steps.jsonl", _jsonl(self.step_rows))
+
     def truncate_metrics(self, epochs: int) -> None:
         """Keep the first ``epochs`` rows (resume from a checkpoint of that epoch)."""
         self.rows = [r for r in self.rows if r["epoch"] <= epochs]
-        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in self.rows))
+        atomic_write_text(self.path / "metrics.jsonl", _jsonl(self.rows))
+        if self.step_rows or (self.path / "steps.jsonl").exists():
+            self.step_rows = [r for r in self.step_rows if r["epoch"] <= epochs]
+            atomic_write_text(self.path / "steps.jsonl", _jsonl(self.step_rows))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / "summary.json", summary)

@@ -19,10 +19,11 @@ from divebench.stats.exact import ExactProvider, unwrap
 ESTIMATORS: tuple[str, ...] = ("exact", "epoch", "microbatch")
 
 
-def provider_from_options(options: Any) -> StatsProvider:
+def provider_from_options(options: Any, scope: str = "epoch") -> StatsProvider:
     """The provider for a policy's ``stats_options()``: missing keys take their defaults
     (``divebench.policy.STATS_OPTIONS``); anything else raises ``ValueError`` naming the
-    key or value and what would be right."""
+    key or value and what would be right. ``scope`` is the policy's ``stats_scope``:
+    ``step`` needs the ``exact`` or ``microbatch`` estimator."""
     from divebench.policy import STATS_OPTIONS
 
     if not isinstance(options, dict):
@@ -38,6 +39,10 @@ def provider_from_options(options: Any) -> StatsProvider:
     for key in ("estimator", "bn"):
         if not isinstance(merged[key], str):
             raise ValueError(f"stats_options() {key}={merged[key]!r}; expected a string")
+    if scope == "step" and merged["estimator"] == "epoch":
+        raise ValueError("stats_options() estimator='epoch' has no per-step statistics (its small "
+                         "batches are the epoch's steps); a policy with stats_scope='step' needs "
+                         "estimator 'exact' or 'microbatch'")
     return make_provider(merged["estimator"], merged["bn"], merged["micro_batches"])
 
 

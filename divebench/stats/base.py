@@ -16,6 +16,17 @@ the policy's decision for the epoch)::
             optimizer.step()
         stats = provider.end_epoch()         # GradStats if the epoch was measured, else None
 
+For a policy with ``stats_scope = "step"`` the epoch is started with ``measure=False``
+and every step is bracketed instead::
+
+            provider.start_step(measure)     # this step's decision; hooks on only if measured
+            ... micro-batches as above (split only if measured) ...
+            provider.after_batch(B)
+            step_stats = provider.end_step(step)   # StepStats if measured, else None
+            optimizer.step()
+
+In step scope nothing is accumulated for the epoch (``end_epoch`` returns None).
+
 Rules:
 - Providers never change ``p.grad`` (the optimiser step must be identical with and
   without measurement) and never touch weight decay (``p.grad`` is read before the
@@ -33,7 +44,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from divebench.policy import GradStats
+from divebench.policy import GradStats, StepStats
 
 
 class StatsProvider(Protocol):
@@ -64,6 +75,15 @@ class StatsProvider(Protocol):
 
     def after_batch(self, batch_size: int) -> None:
         """Called once per logical batch, after all micro-batches, before the step."""
+        ...
+
+    def start_step(self, measure: bool) -> None:
+        """Step scope: whether the coming step is measured (raises ``ValueError`` for a
+        provider without per-step statistics)."""
+        ...
+
+    def end_step(self, step: int) -> StepStats | None:
+        """Step scope: the statistics of the step just done if it was measured, else None."""
         ...
 
     def end_epoch(self) -> GradStats | None:

@@ -57,8 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from divebench.policy import GradStats
-from divebench.stats.exact import GradientSum, make_grad_stats, sq_norm_sum
+from divebench.policy import GradStats, StepStats
+from divebench.stats.exact import GradientSum, make_grad_stats, make_step_stats, sq_norm_sum
 
 
 def two_batch_estimate(p_sum: float, a_sum: float, q_s: float, n: float) -> float:
@@ -81,6 +81,9 @@ class _EstimatorBase:
     def __init__(self) -> None:
         self._params: list[nn.Parameter] = []
         self._measure = False
+        self._step_scope = False  # set by the first start_step (stats_scope = "step")
+        self._last_step: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
+        self._step_time0 = 0.0
         self._reset()
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -102,8 +105,24 @@ class _EstimatorBase:
         """Nothing of a batch is kept before :meth:`after_batch`."""
         return None
 
+    def start_step(self, measure: bool) -> None:
+        """Step scope: measure the coming step or not; nothing is kept for the epoch."""
+        self._step_scope = True
+        self._measure = measure
+        self._last_step = None
+        self._step_time0 = self._own_time_s
+
+    def end_step(self, step: int) -> StepStats | None:
+        """The measured step's :class:`StepStats` (None when it was not measured)."""
+        if self._last_step is None:
+            return None
+        b, estimate, g_sq, p_sum, a_sum = self._last_step
+        self._last_step = None
+        return make_step_stats(b, float(estimate.item()), float(g_sq.item()), float(p_sum.item()),
+                               a_sum, self.name, step, self._own_time_s - self._step_time0)
+
     def end_epoch(self) -> GradStats | None:
-        if not self._measure:
+        if not self._measure or self._step_scope:
             return None
         start = time.perf_counter()
         q_s = float(self._grad_sum.sq_norm().item())
@@ -155,6 +174,10 @@ class EpochEstimator(_EstimatorBase):
     """``estimator=epoch``: each step's batch is the small batch, the epoch the large one."""
 
     name = "epoch"
+
+    def start_step(self, measure: bool) -> None:
+        raise ValueError("estimator=epoch has no per-step statistics (its small batches are the "
+                         "epoch's steps); use estimator=exact or microbatch for stats_scope='step'")
 
     def after_batch(self, batch_size: int) -> None:
         if not self._measure:
@@ -248,19 +271,23 @@ class MicroBatchEstimator(_EstimatorBase):
         grads = [p.grad for p in self._params if p.grad is not None]
         g_sq = sq_norm_sum(grads) * (b * b) if grads else self._zero()
         if batch_size == 1:
-            self._q_sum += self._p_step
+            estimate = self._p_step
         else:
             # (★) with the logical batch as population and its micro-batches as the
             # small batches: linear in P and ||B·ḡ||², so summing steps stays unbiased.
-            self._q_sum += (
+            estimate = (
                 b
                 * (b - 1)
                 * (self._p_step - self._a_step * g_sq / (b * b))
                 / (b * b - self._a_step)
                 + g_sq / b
             )
-        self._grad_sum.add(self._params, batch_size)
-        self._n_samples += batch_size
+        if self._step_scope:
+            self._last_step = (batch_size, estimate, g_sq, self._p_step, self._a_step)
+        else:
+            self._q_sum += estimate
+            self._grad_sum.add(self._params, batch_size)
+            self._n_samples += batch_size
         self._p_step = self._zero()
         self._a_step = 0.0
         self._first_micro = True

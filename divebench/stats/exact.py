@@ -94,7 +94,7 @@ from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare
 from opacus.utils.module_utils import trainable_modules
 from torch import nn
 
-from divebench.policy import GradStats
+from divebench.policy import GradStats, StepStats
 from divebench.stats import bn as bn_sampler  # registers the BatchNorm grad sampler
 
 _HUGE_NORM = 1e30  # ghost clipping's threshold; never reached, we never clip
@@ -105,6 +105,20 @@ def unwrap(module: nn.Module) -> nn.Module:
     while isinstance(module, GradSampleModuleFastGradientClipping):
         module = module._module
     return module
+
+
+def make_step_stats(
+    batch_size: int, sum_sq_norms: float, grad_sum_sq_norm: float, p_sum: float, a_sum: float,
+    estimator: str, step: int, time_s: float,
+) -> StepStats:
+    """Build :class:`StepStats` from the step's sums (P = Σ_j ||b_j·ĝ_j||², A = Σ_j b_j²
+    over its small batches)."""
+    return StepStats(
+        batch_size=int(batch_size), sum_sq_norms=float(sum_sq_norms),
+        grad_sum_sq_norm=float(grad_sum_sq_norm), small_batch_size=float(a_sum) / batch_size,
+        small_sq_norm=float(p_sum) / a_sum if a_sum > 0 else math.nan, estimator=estimator,
+        step=int(step), time_s=float(time_s),
+    )
 
 
 def make_grad_stats(
@@ -989,6 +1003,9 @@ class ExactProvider:
         self._module: GhostNormModule | None = None
         self._params: list[nn.Parameter] = []
         self._measure = False
+        self._step_scope = False  # set by the first start_step (stats_scope = "step")
+        self._last_step: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._step_time0 = 0.0
         self._reset()
 
     # -- the StatsProvider protocol ---------------------------------------------------
@@ -1052,11 +1069,35 @@ class ExactProvider:
         if not self._measure:
             return
         start = time.perf_counter()
-        self._sum_sq += self._batch_sq
+        if self._step_scope:
+            # the step's own sums; nothing is kept for the epoch
+            grads = [p.grad for p in self._params if p.grad is not None]
+            g_sq = sq_norm_sum(grads) * float(batch_size) ** 2 if grads else torch.zeros_like(self._batch_sq)
+            self._last_step = (batch_size, self._batch_sq.clone(), g_sq)
+        else:
+            self._sum_sq += self._batch_sq
+            self._grad_sum.add(self._params, batch_size)
+            self._n_samples += batch_size
         self._batch_sq.zero_()
-        self._grad_sum.add(self._params, batch_size)
-        self._n_samples += batch_size
         self._own_time_s += time.perf_counter() - start
+
+    def start_step(self, measure: bool) -> None:
+        """Step scope: measure the coming step or not (hooks attached only while measuring)."""
+        self._step_scope = True
+        if measure != self._measure:
+            self._set_measuring(measure)
+        self._last_step = None
+        self._step_time0 = self._own_time_s + self._hook_time()
+
+    def end_step(self, step: int) -> StepStats | None:
+        """The measured step's :class:`StepStats` (exact: small batches of one sample)."""
+        if self._last_step is None:
+            return None
+        b, q, g_sq = self._last_step
+        self._last_step = None
+        q_f = float(q.item())
+        own = self._own_time_s + self._hook_time() - self._step_time0
+        return make_step_stats(b, q_f, float(g_sq.item()), q_f, float(b), self.name, step, own)
 
     def abort_batch(self) -> None:
         """Forget the current batch's micro-batches (the loop redoes it after an OOM)."""
@@ -1066,7 +1107,7 @@ class ExactProvider:
             self._module.eval_mode_layers.clear()
 
     def end_epoch(self) -> GradStats | None:
-        if not self._measure:
+        if not self._measure or self._step_scope:
             return None
         start = time.perf_counter()
         stats_q = float(self._sum_sq.item())
