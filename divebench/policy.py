@@ -23,9 +23,11 @@ Rules of the contract (the engine enforces every one of them):
   next ``decide_epoch``. With ``stats_scope = "step"`` (which needs ``per_step = True``)
   it holds for every step while the decision holds: each measured step's statistics
   (:class:`StepStats`, that step's batch at that step's weights) arrive in
-  ``state.step_stats`` at the next ``decide_step`` (or ``decide_epoch``), so a rule that
-  measures every k-th step returns ``measure=True`` on those steps only and pays for
-  nothing else. Policies that declare ``stats = None`` never get any, and the engine
+  ``state.step_stats`` at the next ``decide_step`` (or ``decide_epoch``), and stay there
+  until another step is done (the end of an epoch hands them to a final ``decide_step``
+  and to the next ``decide_epoch`` too: apply each once, keyed by ``step_stats.step``).
+  A rule that measures every k-th step returns ``measure=True`` on those steps only and
+  pays for nothing else. Policies that declare ``stats = None`` never get any, and the engine
   builds no statistics machinery for them.
 - ``state`` is read-only (a frozen dataclass). Anything the policy needs to remember
   lives on the policy object and must round-trip through ``state_dict`` /
