@@ -47,7 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from divebench.models.small import MNIST1DCNN
 from divebench.stats import make_provider
-from divebench.stats.reference import drive_epoch
+from divebench.stats.reference import drive_epoch, drive_steps
 
 PROVIDERS = ("exact", "epoch", "microbatch")
 BATCH_SIZES = (128, 512)
@@ -191,6 +191,43 @@ def test_measured_epoch_vs_plain(
         passed = passed and ratio <= limit
     print("\n".join(messages))
     assert passed, "\n".join(messages)
+
+
+# ------------------------------------------------------------- per-step statistics
+
+STEP_BATCH = 32  # the mnist1d suite's B0, where the per-step rules start
+
+
+@pytest.mark.parametrize("every", [pytest.param(1, marks=pytest.mark.full), 10])
+def test_per_step_measurement_vs_plain(benchmark: Any, every: int) -> None:
+    """An epoch of the MNIST-1D CNN at B=32 in step scope, every ``every``-th step measured
+    by ``exact`` (what gns / normtest with ``interval=every`` pay), against a plain epoch
+    of an identical model at the same batch size. Regression gates (bench/thresholds.py);
+    the issue's targets, 1.35× for every step and 1.05× for every 10th, are not met (README)."""
+    name = f"stats_exact_per_step_every{every}_mnist1d_b{STEP_BATCH}"
+    model, x, y = workload("mnist1d")
+    plain_model = copy.deepcopy(model)
+    provider = make_provider("exact")
+    module = provider.wrap(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
+    measured: list[Any] = []
+
+    def subject() -> None:
+        measured[:] = drive_steps(provider, module, opt, x, y, STEP_BATCH, every)
+
+    def reference() -> None:
+        drive_steps(None, plain_model, plain_opt, x, y, STEP_BATCH, every)
+
+    def gate() -> GateResult:
+        return paired_ratio(name, timed(subject), timed(reference), REPS["mnist1d"])
+
+    result = benchmark.pedantic(gate, rounds=1, iterations=1)
+    benchmark.extra_info.update(result.info())
+    steps = -(-x.shape[0] // STEP_BATCH)
+    assert len(measured) == -(-steps // every) and all(s.sum_sq_norms > 0 for s in measured)
+    print(result.message())
+    assert result.passed, result.message()
 
 
 # ------------------------------------------------------- beside the libraries (printed)

@@ -37,12 +37,16 @@ def test_transformer_takes_token_ids() -> None:
 def test_every_policy_runs_with_exact_statistics(tmp_path) -> None:
     res = run_cli("run", "suite=modarith", "epochs=2", "subset=256", "seeds=0", "batch_size=16",
                   "max_batch_size=64", "divebatch.resize_freq=1", "divebatch.delta=0.5", "adabatch.resize_freq=1",
+                  "gns.interval=2", "gns.warmup=1", "normtest.interval=2",
                   f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q")
     assert res.exit_code == 0, res.output
     runs = {json.loads((r / "summary.json").read_text())["entry"]: r for r in (tmp_path / "modarith").iterdir()}
-    assert set(runs) == {"sgd-small", "sgd-large", "adabatch", "divebatch"}
+    assert set(runs) == {"sgd-small", "sgd-large", "adabatch", "divebatch", "gns", "normtest", "smith"}
     for run in runs.values():
         assert json.loads((run / "summary.json").read_text())["status"] == "complete"
     rows = read_rows(runs["divebatch"])
     assert rows[0]["measured"] and rows[0]["n_grad_diversity"] > 0
     assert rows[1]["batch_size"] > 16  # the measured statistics moved the batch size
+    for name in ("gns", "normtest"):  # per-step statistics of the transformer, exact
+        steps = [json.loads(x) for x in (runs[name] / "steps.jsonl").read_text().splitlines()]
+        assert steps and all(s["estimator"] == "exact" and s["sum_sq_norms"] > 0 for s in steps)

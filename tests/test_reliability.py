@@ -299,7 +299,7 @@ def test_a_plugin_that_exits_on_import_is_a_failed_plugin(tmp_path) -> None:
 def test_a_shard_that_selects_no_run_is_an_error(tmp_path) -> None:
     res = run_cli("run", "suite=synthetic", "seeds=0", "--shard", "999/1000", f"results_dir={tmp_path}", "wandb=off")
     assert res.exit_code == 2
-    assert "--shard 999/1000 selects no run: the matrix has 4 run(s)" in res.output
+    assert "--shard 999/1000 selects no run: the matrix has 6 run(s)" in res.output
 
 
 def test_one_writer_per_run(tmp_path) -> None:

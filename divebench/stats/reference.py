@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from divebench.policy import GradStats
+from divebench.policy import GradStats, StepStats
 from divebench.stats.base import StatsProvider
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -296,3 +296,42 @@ def drive_epoch(
                 p.after_batch(b)
         optimizer.step()
     return [p.end_epoch() for p in group] if end_epoch else []
+
+
+def drive_steps(
+    provider: StatsProvider | None,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    every: int,
+    loss_fn: LossFn = F.cross_entropy,
+) -> list[StepStats]:
+    """One epoch in step scope (:mod:`divebench.stats.base`): steps 0, every, 2·every, ...
+    measured, the others not; ``provider=None`` is the plain epoch. Returns the measured
+    steps' :class:`StepStats`."""
+    out: list[StepStats] = []
+    if provider is not None:
+        provider.start_epoch(False, x.shape[0])
+    for t, start in enumerate(range(0, x.shape[0], batch_size)):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        b = int(xb.shape[0])
+        measure = provider is not None and t % every == 0
+        k = provider.min_micro_batches(b) if measure and provider is not None else 1
+        if provider is not None:
+            provider.start_step(measure)
+        optimizer.zero_grad(set_to_none=True)
+        for chunk in torch.arange(b).tensor_split(k):
+            m = int(chunk.shape[0])
+            loss = loss_fn(module(xb[chunk]), yb[chunk])
+            (loss if k == 1 else loss * (m / b)).backward()
+            if measure and provider is not None:
+                provider.after_micro_backward(m, m / b)
+        if measure and provider is not None:
+            provider.after_batch(b)
+            stats = provider.end_step(t)
+            assert stats is not None
+            out.append(stats)
+        optimizer.step()
+    return out
