@@ -351,6 +351,9 @@ def resolve(overrides: dict[str, str], registry: Any, suite_name: str | None = N
         values[k], sources[k] = v, f"suite {suite.name}"
     values["suite"], sources["suite"] = suite.name, ("command line" if "suite" in overrides else "default")
 
+    # --- cross.<key>=v1,v2: each entry whose policy has <key> becomes one entry per value
+    cross = {k.split(".", 1)[1]: overrides.pop(k) for k in [k for k in overrides if k.startswith("cross.")]}
+
     # --- which entries (and so which policy keys exist)
     policy_token = overrides.pop("policy", None)
     overrides.pop("suite", None)
@@ -440,9 +443,74 @@ def resolve(overrides: dict[str, str], registry: Any, suite_name: str | None = N
                 continue
             raise ConfigError(f"unknown key '{dk}': '{prefix}' is no policy or entry of this run{suggest(prefix, known)}")
 
+    if cross:
+        entries, entry_sources = cross_entries(cross, entries, entry_sources, registry, values.get("baseline") or "")
+        values["policy"], sources["policy"] = [e.name for e in entries], "cross"
     cfg = RunConfig(suite, values, sources, entries, entry_sources)
     validate(cfg, registry)
     return cfg
+
+
+def cross_entries(
+    cross: dict[str, str], entries: list[Entry], entry_sources: dict[str, dict[str, str]], registry: Any,
+    baseline: str = "",
+) -> tuple[list[Entry], dict[str, dict[str, str]]]:
+    """``cross.<key>=v1,v2,...`` (several keys: their product): each entry whose policy has
+    ``<key>`` becomes one entry per value (per combination), named ``<entry>+<value>+...``
+    in the order the keys were given; an entry whose policy has none of the keys runs once,
+    as it is (no duplicate runs), and so does the suite's ``baseline`` entry, the
+    reference every crossed entry's speed-up is measured against. A value a policy's type does not allow skips that
+    combination for that policy (``gns`` has no ``estimator=epoch``); a key no selected
+    policy has, or a value no selected policy allows, is an error."""
+    grid: dict[str, list[str]] = {}
+    for key, token in cross.items():
+        vals = [v.strip() for v in str(token).split(",") if v.strip()]
+        if not key or not vals:
+            raise ConfigError(f"cross.{key}= is empty: give comma-separated values, e.g. cross.lr_scaling=none,sqrt")
+        if len(set(vals)) != len(vals):
+            raise ConfigError(f"cross.{key}= lists a value twice: {token}")
+        grid[key] = vals
+    owners = {key: [e for e in entries if key in policy_fields(registry.policies[e.policy][0])
+                    and e.name != baseline] for key in grid}
+    for key, have in owners.items():
+        if not have:
+            pols = sorted({e.policy for e in entries})
+            raise ConfigError(f"cross.{key}: no policy of this run has a key '{key}' (policies: {', '.join(pols)}; "
+                              "see divebench policies)")
+    allowed: dict[str, set[str]] = {k: set() for k in grid}
+    errors: dict[str, str] = {}
+    out: list[Entry] = []
+    sources: dict[str, dict[str, str]] = {}
+    for e in entries:
+        fields_ = policy_fields(registry.policies[e.policy][0])
+        keys = [k for k in grid if k in fields_] if e.name != baseline else []
+        if not keys:
+            out.append(e)
+            sources[e.name] = entry_sources[e.name]
+            continue
+        combos: list[list[tuple[str, str, Any]]] = [[]]
+        for k in keys:
+            nxt = []
+            for v in grid[k]:
+                try:
+                    val = coerce(v, fields_[k][0], f"{e.policy}.{k}")
+                except ConfigError as exc:
+                    errors.setdefault(f"{k}={v}", str(exc))
+                    continue
+                allowed[k].add(v)
+                nxt += [c + [(k, v, val)] for c in combos]
+            combos = nxt
+        for combo in combos:
+            name = "+".join([e.name, *(v for _k, v, _val in combo)])
+            if name in sources:
+                raise ConfigError(f"cross: two entries would be named '{name}'; cross keys whose values differ")
+            out.append(Entry(name, e.policy, {**e.params, **{k: val for k, _v, val in combo}}))
+            sources[name] = {**entry_sources[e.name], **{k: "cross" for k, _v, _val in combo}}
+    for key, vals in grid.items():
+        for v in vals:
+            if v not in allowed[key]:
+                raise ConfigError(errors.get(f"{key}={v}", f"cross.{key}={v} is allowed by no policy of this run"))
+    return out, sources
 
 
 def lr_schedule(v: dict[str, Any]) -> Callable[[int], float]:

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from divebench.report.plots import BAND_NOTE, suite_charts
 from divebench.scoring import (
@@ -105,6 +106,37 @@ def accuracy_table(score: SuiteScore) -> Table:
         rows,
         list("llrrrrrrrl"),
     )
+
+
+def matrix_table(score: SuiteScore) -> Table | None:
+    """The ablation matrix (``cross.<key>=...``, or any entries of one policy that differ in
+    their keys): one row per entry, a column per policy key whose value differs between
+    entries of the same policy, then accuracy and speed-ups. None when no policy key varies."""
+    configs: dict[str, dict[str, Any]] = {}
+    for e in score.entries:
+        runs = score.scored_runs.get(e.entry, [])
+        if runs:
+            configs[e.entry] = dict(runs[0].config.get("policy_config") or {})
+    by_policy: dict[str, list[str]] = {}
+    for e in score.entries:
+        if e.entry in configs:
+            by_policy.setdefault(e.policy, []).append(e.entry)
+    keys: list[str] = []
+    for names in by_policy.values():
+        for k in sorted({k for n in names for k in configs[n]}):
+            if len({json.dumps(configs[n].get(k), sort_keys=True) for n in names}) > 1 and k not in keys:
+                keys.append(k)
+    if not keys:
+        return None
+    rows = []
+    for e in score.entries:
+        cfg = configs.get(e.entry, {})
+        sp = e.speedups
+        rows.append([e.entry, e.policy, *("–" if k not in cfg else str(cfg[k]) for k in keys),
+                     str(e.n), fmt_pct(e.final_acc), fmt_pp(e.acc_diff_pp), fmt_speedup(sp.get("paper_time")),
+                     fmt_speedup(sp.get("paper_steps"))])
+    return Table(["entry", "rule", *keys, "seeds", "final val acc %", "Δ pp", "×time", "×steps"], rows,
+                 ["l", "l", *("l" for _ in keys), "r", "r", "r", "r", "r"])
 
 
 def paper_table(score: SuiteScore) -> Table:
@@ -307,6 +339,14 @@ def suite_blocks(score: SuiteScore, charts: dict[str, Path]) -> list[Block]:
         )
     )
     b.append(Block("table", table=accuracy_table(score)))
+    matrix = matrix_table(score)
+    if matrix is not None:
+        b.append(_h(3, "Ablation matrix"))
+        b.append(Block("p", "The policy keys that differ between entries of one policy (e.g. from "
+                       "cross.<key>=...), with accuracy change and speed-ups against the baseline "
+                       "(× = to within 1 point of the entry's own final accuracy; '–': the policy has no "
+                       "such key). The Pareto chart below shows every seed."))
+        b.append(Block("table", table=matrix))
     b.append(_h(3, "Time to within 1 point of the entry's own final accuracy (the paper's metric)"))
     b.append(
         Block(

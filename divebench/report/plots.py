@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # before pyplot: reports are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from divebench.scoring import RunRecord, SuiteScore  # noqa: E402
+from divebench.scoring import RunRecord, SuiteScore, paper_metric, speedup  # noqa: E402
 
 DPI = 110
 FIGSIZE = (7.5, 4.6)
@@ -287,6 +287,77 @@ CHARTS: list[tuple[str, str, str, str, str, str, dict[str, Any]]] = [
 ]
 
 
+PARETO_NOTE = "small dots: one seed each; large marker: the entry's seed mean (the table's ×time / ×steps and Δ pp)"
+
+
+def pareto_points(score: SuiteScore) -> dict[str, list[tuple[float, float | None, float | None]]]:
+    """Per non-baseline entry, one (Δ pp, ×time, ×steps) per complete seed: its final
+    accuracy minus the baseline's seed mean, and the baseline's seed-mean time (steps) to
+    within 1 point of its final accuracy over that seed's own (the paper's metric, per
+    seed). Empty without a scored baseline."""
+    if score.baseline is None:
+        return {}
+    try:
+        base = score.entry(score.baseline)
+    except KeyError:
+        return {}
+    if base.paper is None or base.final_acc is None:
+        return {}
+    out: dict[str, list[tuple[float, float | None, float | None]]] = {}
+    for e in score.entries:
+        if e.entry == score.baseline:
+            continue
+        pts = []
+        for run in score.scored_runs.get(e.entry, []):
+            accs = [r["val_acc"] for r in run.rows if _ok(r.get("val_acc"))]
+            pm = paper_metric([run.rows]) if run.rows else None
+            if not accs or pm is None:
+                continue
+            pts.append((100.0 * (accs[-1] - base.final_acc.mean), speedup(base.paper.time_s, pm.time_s),
+                        speedup(base.paper.steps, pm.steps)))
+        if pts:
+            out[e.entry] = pts
+    return out
+
+
+def pareto_chart(score: SuiteScore, path: Path) -> Path | None:
+    """Speed-up (time, steps) against the accuracy change, per seed and per entry mean."""
+    points = pareto_points(score)
+    if not points:
+        return None
+    colors = _colors([e.entry for e in score.entries])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True)
+    for ax, col, key, what in ((axes[0], 1, "paper_time", "time"), (axes[1], 2, "paper_steps", "steps")):
+        for name, pts in points.items():
+            e = score.entry(name)
+            xs = [p[0] for p in pts if _ok(p[col])]
+            ys = [p[col] for p in pts if _ok(p[col])]
+            ax.scatter(xs, ys, s=14, color=colors[name], alpha=0.6)
+            mean_y = e.speedups.get(key)
+            if e.acc_diff_pp is not None and _ok(mean_y):
+                ax.scatter([e.acc_diff_pp], [mean_y], s=70, color=colors[name], edgecolors="black",
+                           linewidths=0.6, marker="D", label=_label(score, name))
+        ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+        ax.axvline(0.0, color="0.5", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}×"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: f"{v:.2g}×"))
+        ax.set_xlabel(f"final accuracy − {score.baseline}'s (pp)")
+        ax.set_ylabel(f"speed-up in {what} to ±1 point (×)")
+        ax.set_title(f"{score.suite}: speed-up in {what} vs accuracy change", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)),
+                   framealpha=0.85, bbox_to_anchor=(0.5, 0.0))
+    fig.text(0.99, 0.995, PARETO_NOTE, ha="right", va="top", fontsize=7, color="0.4")
+    rows = -(-len(labels) // 4) if labels else 0
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 0.97))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def suite_charts(score: SuiteScore, out_dir: Path) -> dict[str, Path]:
     """Write the suite's PNGs into ``out_dir``; returns chart stem -> path.
 
@@ -301,4 +372,7 @@ def suite_charts(score: SuiteScore, out_dir: Path) -> dict[str, Path]:
         )
         if made is not None:
             out[stem] = made
+    made = pareto_chart(score, out_dir / f"{score.suite}-pareto.png")
+    if made is not None:
+        out["pareto"] = made
     return out
