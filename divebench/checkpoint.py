@@ -30,7 +30,10 @@ def _model_state(setup: Setup) -> dict[str, Any]:
     return dict(setup.model.state_dict())
 
 
-def save(path: Any, setup: Setup, p: Progress, clock: Clock, epoch_state: dict[str, Any] | None) -> None:
+def save(path: Any, setup: Setup, p: Progress, clock: Clock, epoch_state: dict[str, Any] | None,
+         folder: dict[str, Any] | None = None) -> None:
+    """Write the checkpoint; ``folder`` is what the run folder holds at this point
+    (:meth:`divebench.results.RunFolder.state`), checked again before a resume."""
     state = {
         "version": VERSION,
         "model": _model_state(setup),
@@ -45,6 +48,7 @@ def save(path: Any, setup: Setup, p: Progress, clock: Clock, epoch_state: dict[s
             "decision": vars(p.decision) if p.decision else None,
         },
         "epoch_state": epoch_state,
+        "folder": folder,
         "clock": clock.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),

@@ -230,7 +230,17 @@ def _run_one(
             path, run_id = resume_dir, resume_dir.name
             locks.append(lock_run(path))  # before anything is read or truncated
             folder = RunFolder(path, run_id)
-            state = ckpt.load(path / ckpt.FILENAME, device)
+            try:
+                state = ckpt.load(path / ckpt.FILENAME, device)
+            except Exception as exc:  # truncated, empty or foreign: nothing can be trusted
+                raise ConfigError(f"resume: {path / ckpt.FILENAME} cannot be read ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else 'empty or truncated'}); "
+                                  "start the run again without resume=") from None
+            recorded = state.get("folder") if isinstance(state, dict) else None
+            if recorded is not None:  # checkpoints before 2026-12-06 recorded nothing to check
+                why = folder.check_against(recorded)
+                if why is not None:
+                    raise ConfigError(f"resume: run {run_id} cannot be continued: {why}")
             env = prior_env or {}
         setup = Setup(
             model=module, optimizer=optimizer, policy=policy, plugin=plugin, provider=provider,
@@ -265,7 +275,7 @@ def _run_one(
         console.epoch(label, v["epochs"], row)
 
     def save(p: Progress, sampler: Any, aug_gen: torch.Generator, epoch_state: dict[str, Any] | None) -> None:
-        ckpt.save(path / ckpt.FILENAME, setup, p, clock, epoch_state)
+        ckpt.save(path / ckpt.FILENAME, setup, p, clock, epoch_state, folder.state())
 
     status, error = "complete", None
     if setup_error is not None:
@@ -293,7 +303,7 @@ def _run_one(
         error = f"{type(exc).__name__}({exc}) raised by the run's code (policy, plugin or model); not a signal"
         folder.log(traceback.format_exc())
     with clock.region("other"):
-        summary = finish_summary(folder, summary, status, error, clock)
+        summary = finish_summary(folder, summary, status, error, clock, v["epochs"])
         if sink is not None:
             summary["wandb"] = sink.finish(summary)
         folder.write_summary(summary)
@@ -306,6 +316,11 @@ def _run_one(
     if status == "interrupted":
         raise KeyboardInterrupt(error)
     return RunResult(run_id, path, entry.name, seed, status, summary)
+
+
+def _epoch_span(rows: list[dict[str, Any]]) -> str:
+    epochs = [r.get("epoch") for r in rows]
+    return "none" if not epochs else f"{len(epochs)} rows ({epochs[0]}..{epochs[-1]})"
 
 
 def read_env(path: Path) -> dict[str, Any]:
@@ -323,8 +338,12 @@ def base_summary(folder: RunFolder, cfg: RunConfig, entry: Entry, seed: int) -> 
     }
 
 
-def finish_summary(folder: RunFolder, summary: dict[str, Any], status: str, error: str | None, clock: Clock) -> dict[str, Any]:
+def finish_summary(folder: RunFolder, summary: dict[str, Any], status: str, error: str | None, clock: Clock,
+                   epochs: int | None = None) -> dict[str, Any]:
     rows = folder.rows
+    if status == "complete" and epochs is not None and [r.get("epoch") for r in rows] != list(range(1, epochs + 1)):
+        # never 'complete' over missing or repeated epochs
+        status, error = "failed", f"metrics.jsonl holds epochs {_epoch_span(rows)}, not 1..{epochs}"
     accs = [r["val_acc"] for r in rows]
     last = rows[-1] if rows else {}
     return summary | {

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
 import json
 import math
 import os
@@ -129,6 +130,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
 
 
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in rows)
 
@@ -137,6 +145,30 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not Path(path).exists():
         return []
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, lines that are not a JSON object left out (a resume checks
+    the file against its checkpoint's digest before trusting any of it)."""
+    rows = []
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def lines_digest(text: str, n: int) -> tuple[int, str]:
+    """(lines present, sha256 of the first ``n`` lines) of a JSONL file's text."""
+    lines = text.splitlines(keepends=True)
+    return len(lines), hashlib.sha256("".join(lines[:n]).encode()).hexdigest()
 
 
 def check_writable(results_dir: Path) -> None:
@@ -179,8 +211,8 @@ class RunFolder:
     def __init__(self, path: Path, run_id: str) -> None:
         self.path = Path(path)
         self.run_id = run_id
-        self.rows: list[dict[str, Any]] = read_jsonl(self.path / "metrics.jsonl")
-        self.step_rows: list[dict[str, Any]] = read_jsonl(self.path / "steps.jsonl")
+        self.rows: list[dict[str, Any]] = _read_jsonl_tolerant(self.path / "metrics.jsonl")
+        self.step_rows: list[dict[str, Any]] = _read_jsonl_tolerant(self.path / "steps.jsonl")
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(_clean(config), sort_keys=False))
@@ -190,8 +222,7 @@ class RunFolder:
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         rows = self.rows + [row]
-        text = "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in rows)
-        atomic_write_text(self.path / "metrics.jsonl", text)
+        atomic_write_text(self.path / "metrics.jsonl", _jsonl(rows))
         self.rows = rows
 
     def append_steps(self, rows: list[dict[str, Any]]) -> None:
@@ -206,6 +237,36 @@ class RunFolder:
         if self.step_rows or (self.path / "steps.jsonl").exists():
             self.step_rows = [r for r in self.step_rows if r["epoch"] <= epochs]
             atomic_write_text(self.path / "steps.jsonl", _jsonl(self.step_rows))
+
+    def state(self) -> dict[str, Any]:
+        """What the folder holds now, for a checkpoint: metrics.jsonl's row count and the
+        sha256 of its text, and the sha256 of config.yaml."""
+        text = _jsonl(self.rows)
+        return {"metrics_rows": len(self.rows), "metrics_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                "config_sha256": _file_sha256(self.path / "config.yaml")}
+
+    def check_against(self, state: dict[str, Any]) -> str | None:
+        """Why the folder cannot be continued from a checkpoint that recorded ``state``
+        (None: it can). A torn or extra line after the recorded rows is not a reason:
+        resuming drops it."""
+        if _file_sha256(self.path / "config.yaml") != state["config_sha256"]:
+            return ("config.yaml was changed after the checkpoint was written; resuming would continue "
+                    "under settings the file no longer describes: restore it, or start a new run")
+        n = int(state["metrics_rows"])
+        try:
+            text = (self.path / "metrics.jsonl").read_text()
+        except FileNotFoundError:
+            text = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"metrics.jsonl cannot be read ({exc}); restore it, or start a new run"
+        have, digest = lines_digest(text, n)
+        if have < n:
+            return (f"metrics.jsonl holds {have} of the {n} epoch rows written before the checkpoint "
+                    "(rows were lost): restore the file, or start a new run")
+        if digest != state["metrics_sha256"]:
+            return (f"metrics.jsonl's first {n} rows differ from those written before the checkpoint "
+                    "(edited or corrupt): restore the file, or start a new run")
+        return None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / "summary.json", summary)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import read_rows, run_cli
 
 # Fields that legitimately differ between an interrupted+resumed run and a straight one.
@@ -323,3 +324,62 @@ def test_one_writer_per_run(tmp_path) -> None:
         os.close(fd)
     res = run_cli(*args, f"resume={run.name}")
     assert res.exit_code == 0, res.output
+
+
+def _finished_run(tmp_path: Path) -> tuple[Path, list[str]]:
+    args = ["suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=2", "n_samples=600",
+            f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q"]
+    assert run_cli("run", *args).exit_code == 0
+    (run,) = (tmp_path / "synthetic").iterdir()
+    return run, args
+
+
+def test_resume_refuses_a_folder_that_does_not_match_its_checkpoint(tmp_path) -> None:
+    """The checkpoint records metrics.jsonl's rows and digest and config.yaml's digest;
+    a resume checks them before it continues, and refuses with one line."""
+    run, args = _finished_run(tmp_path)
+    metrics, config, ckpt_file = run / "metrics.jsonl", run / "config.yaml", run / "checkpoint.pt"
+    good_metrics, good_config, good_ckpt = metrics.read_text(), config.read_text(), ckpt_file.read_bytes()
+
+    def resume(*extra: str):
+        return run_cli("run", *args, f"resume={run.name}", *extra)
+
+    cases = [
+        (lambda: metrics.unlink(), "metrics.jsonl holds 0 of the 2 epoch rows"),
+        (lambda: metrics.write_text(good_metrics.splitlines(keepends=True)[0]), "holds 1 of the 2 epoch rows"),
+        (lambda: metrics.write_text(good_metrics.replace('"epoch": 1', '"epoch": 7')), "first 2 rows differ"),
+        (lambda: ckpt_file.write_bytes(good_ckpt[: len(good_ckpt) // 2]), "checkpoint.pt cannot be read"),
+        (lambda: ckpt_file.write_bytes(b""), "checkpoint.pt cannot be read"),
+    ]
+    for damage, msg in cases:
+        damage()
+        res = resume()
+        assert res.exit_code == 2, res.output
+        assert msg in res.output and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+        metrics.write_text(good_metrics)
+        ckpt_file.write_bytes(good_ckpt)
+    # lr edited into config.yaml, and the same lr on the command line: the run was not
+    # trained with it, so it is refused
+    config.write_text(good_config.replace("lr: 0.1\n", "lr: 0.5\n"))
+    res = resume("lr=0.5")
+    assert res.exit_code == 2 and "config.yaml was changed after the checkpoint was written" in res.output
+    config.write_text(good_config)
+    # a torn line after the recorded rows is what a kill mid-write leaves: it is dropped
+    metrics.write_text(good_metrics + '{"epoch": 3, "st')
+    res = resume()
+    assert res.exit_code == 0, res.output
+    assert metrics.read_text() == good_metrics
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+
+
+def test_complete_is_never_written_over_missing_epochs(tmp_path) -> None:
+    from divebench.clock import Clock
+    from divebench.engine import finish_summary
+    from divebench.results import RunFolder
+
+    folder = RunFolder(tmp_path, "x")
+    folder.rows = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 3, "val_acc": 0.6}]
+    s = finish_summary(folder, {}, "complete", None, Clock(torch.device("cpu")), epochs=3)
+    assert s["status"] == "failed" and "not 1..3" in s["error"]
+    folder.rows.insert(1, {"epoch": 2, "val_acc": 0.55})
+    assert finish_summary(folder, {}, "complete", None, Clock(torch.device("cpu")), epochs=3)["status"] == "complete"
