@@ -37,7 +37,14 @@ from divebench.config import (
 from divebench.data.base import DataBundle
 from divebench.loop import Diverged, Interrupted, Progress, Setup, train
 from divebench.policy import InvalidDecision
-from divebench.results import ResultsError, RunFolder, environment, lock_run, new_run_dir
+from divebench.results import (
+    ResultsError,
+    RunFolder,
+    environment,
+    lock_run,
+    new_run_dir,
+    run_is_held,
+)
 
 # Keys that do not change what a run computes: ignored when matching a run to resume.
 NON_RESULT_KEYS = {"resume", "keep_checkpoint", "results_dir", "wandb", "wandb_project", "policy", "seeds", "device", "threads"}
@@ -230,18 +237,25 @@ def _run_one(
             path, run_id = resume_dir, resume_dir.name
             locks.append(lock_run(path))  # before anything is read or truncated
             folder = RunFolder(path, run_id)
-            try:
-                state = ckpt.load(path / ckpt.FILENAME, device)
-            except Exception as exc:  # truncated, empty or foreign: nothing can be trusted
-                raise ConfigError(f"resume: {path / ckpt.FILENAME} cannot be read ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else 'empty or truncated'}); "
-                                  "start the run again without resume=") from None
-            recorded = state.get("folder") if isinstance(state, dict) else None
-            if recorded is not None:  # checkpoints before 2026-12-06 recorded nothing to check
-                why = folder.check_against(recorded)
-                if why is not None:
-                    raise ConfigError(f"resume: run {run_id} cannot be continued: {why}")
             env = prior_env or {}
+            if not (path / ckpt.FILENAME).exists():
+                # resume=auto of a run stopped before its first checkpoint (killed, disk
+                # full): nothing was trained, so it starts over in its own folder
+                folder.log("no checkpoint was written before the run stopped: starting it over in this folder")
+                folder.write_config(config)
+                state = None
+            else:
+                try:
+                    state = ckpt.load(path / ckpt.FILENAME, device)
+                except Exception as exc:  # truncated, empty or foreign: nothing can be trusted
+                    raise ConfigError(f"resume: {path / ckpt.FILENAME} cannot be read ({type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else 'empty or truncated'}); "
+                                      "start the run again without resume=") from None
+                recorded = state.get("folder") if isinstance(state, dict) else None
+                if recorded is not None:  # checkpoints before 2026-12-06 recorded nothing to check
+                    why = folder.check_against(recorded)
+                    if why is not None:
+                        raise ConfigError(f"resume: run {run_id} cannot be continued: {why}")
         setup = Setup(
             model=module, optimizer=optimizer, policy=policy, plugin=plugin, provider=provider,
             data=data, device=device, epochs=v["epochs"], base_lr=lr_schedule(v),
@@ -374,6 +388,10 @@ def find_resumable(cfg: RunConfig, entry: Entry, seed: int) -> tuple[str, Path |
         if status == "complete":
             return "complete", d
         if (d / ckpt.FILENAME).exists():
+            found.append((d.stat().st_mtime, status, d))
+        elif not (d / "metrics.jsonl").exists() and run_is_held(d) is False:
+            # killed (or out of disk) before its first checkpoint: nothing trained to keep,
+            # so it starts over in its own folder instead of leaving a stale one
             found.append((d.stat().st_mtime, status, d))
     if found:
         return "resume", max(found)[2]

@@ -58,6 +58,27 @@ class ResultsError(Exception):
 LOCK_NAME = ".lock"
 
 
+def run_is_held(path: Path) -> bool | None:
+    """Whether a process holds the run folder's writer lock now (None: the folder has no
+    lock file, e.g. written before locks existed, or it cannot be opened)."""
+    import fcntl
+
+    lock = Path(path) / LOCK_NAME
+    if not lock.exists():
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own shared lock
+    return False
+
+
 def lock_run(path: Path) -> int:
     """Take the run folder's writer lock (``fcntl.flock`` on ``<run>/.lock``), held until
     the returned descriptor is closed; the OS releases it when the holder dies. A run

@@ -178,6 +178,13 @@ def read_run(path: Path) -> RunRecord:
     else:
         status = str(summary.get("status", "incomplete"))
     rows = _read_metrics(path / "metrics.jsonl", problems)
+    if status in ("running", "incomplete"):
+        from divebench.results import run_is_held
+
+        if run_is_held(path) is False:  # its writer is gone: killed, not running
+            problems.append(f"stale: summary says {status} but no process holds the run; "
+                            "continue it with resume=auto")
+            status = "interrupted"
 
     suite = summary.get("suite") or config.get("suite") or ""
     entry = summary.get("entry") or config.get("entry") or ""

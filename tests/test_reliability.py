@@ -383,3 +383,25 @@ def test_complete_is_never_written_over_missing_epochs(tmp_path) -> None:
     assert s["status"] == "failed" and "not 1..3" in s["error"]
     folder.rows.insert(1, {"epoch": 2, "val_acc": 0.55})
     assert finish_summary(folder, {}, "complete", None, Clock(torch.device("cpu")), epochs=3)["status"] == "complete"
+
+
+def test_stale_running_folders_are_interrupted_and_resumed(tmp_path) -> None:
+    """A folder whose summary says 'running' but whose writer is gone is reported as
+    interrupted; one stopped before its first checkpoint (disk full there) is started
+    over in its own folder by resume=auto instead of being left behind."""
+    from divebench.scoring import read_run
+
+    run, args = _finished_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(summary | {"status": "running"}))
+    rec = read_run(run)
+    assert rec.status == "interrupted" and any("stale" in p for p in rec.problems)
+    # no checkpoint, no epoch written: what a full disk at the first checkpoint leaves
+    (run / "checkpoint.pt").unlink()
+    (run / "metrics.jsonl").unlink()
+    res = run_cli("run", *args, "resume=auto")
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in (tmp_path / "synthetic").iterdir()] == [run.name]  # no second folder
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    assert len(read_rows(run)) == 2
+    assert "starting it over in this folder" in (run / "run.log").read_text()
