@@ -334,6 +334,8 @@ def sweep(settings: tuple[str, ...], out: Path | None) -> None:
 
     \b
     divebench sweep suite=mnist1d policy=sgd-small,divebatch seeds=0,1,2 divebatch.delta=0.05,0.1,0.2
+    List keys take one list as `divebench run` does; alternatives are separated by ';':
+    divebench sweep suite=cifar100 lr_milestones='60,120,160;30,60,80'.
     then: wandb sweep FILE; wandb agent ID. Each agent run is `divebench run key=value ...`.
     Without W&B: divebench run ... --shard i/n splits the same matrix across machines.
     """
@@ -343,13 +345,22 @@ def sweep(settings: tuple[str, ...], out: Path | None) -> None:
     reg = registry()
     with as_user_errors():
         opts = parse_overrides(settings)
-        grid = {k: v.split(",") for k, v in opts.items() if k not in ("suite", "policy", "seeds", "wandb_project")}
-        # every grid value must resolve: check each key with its first value
-        probe = {k: v for k, v in opts.items() if k in ("suite", "policy", "seeds")}
+        base = {k: v for k, v in opts.items() if k in ("suite", "policy", "seeds")}
+        suite_cfg = resolve(base, reg)
+        # A key's values are split as `divebench run` reads one value: list keys
+        # (lr_milestones=3,6) are one list, alternatives separated by ';' (3,6;60,120);
+        # other keys take comma-separated alternatives. One value is a fixed setting.
+        grid: dict[str, list[str]] = {}
+        for k, v in opts.items():
+            if k in ("suite", "policy", "seeds", "wandb_project"):
+                continue
+            grid[k] = [x for x in v.split(";" if _is_list_key(k, suite_cfg, reg) else ",")]
+        first = {k: vals[0] for k, vals in grid.items()}
+        # every value must resolve beside the first value of every other key
+        cfg = resolve(base | first, reg)
         for k, vals in grid.items():
-            for val in vals:
-                resolve(probe | {k: val}, reg)
-        cfg = resolve(probe, reg)
+            for val in vals[1:]:
+                resolve(base | first | {k: val}, reg)
         text = sweep_yaml(cfg.suite.name, [e.name for e in cfg.entries], cfg["seeds"], grid, opts.get("wandb_project", cfg["wandb_project"]))
     if out:
         try:
@@ -359,6 +370,23 @@ def sweep(settings: tuple[str, ...], out: Path | None) -> None:
         click.echo(f"sweep file: {out} (wandb sweep {out})")
     else:
         click.echo(text, nl=False)
+
+
+def _is_list_key(key: str, cfg: Any, reg: Any) -> bool:
+    """Whether ``key`` (a run key or <policy|entry>.<key>) holds a list."""
+    import typing
+
+    from divebench.config import KEYS, policy_fields
+
+    if "." not in key:
+        spec = KEYS.get(key)
+        return spec is not None and typing.get_origin(spec.type) is list
+    prefix, name = key.split(".", 1)
+    policy = next((e.policy for e in cfg.entries if e.name == prefix), prefix)
+    if policy not in reg.policies:
+        return False
+    tp = policy_fields(reg.policies[policy][0]).get(name, (None, None))[0]
+    return typing.get_origin(tp) is list
 
 
 # ------------------------------------------------------------------- registry listings

@@ -65,3 +65,34 @@ def test_bad_shard_specs(spec):
 
 def test_shard_spec_tolerates_spaces():
     assert parse_shard(" 2 / 5 ") == (2, 5)
+
+
+def test_sweep_reads_list_keys_as_run_does(tmp_path):
+    """lr_milestones=3,6 is one list (as `divebench run` reads it), alternatives are
+    separated by ';', and a fixed setting is checked beside the others."""
+    from conftest import run_cli
+
+    out = tmp_path / "s.yaml"
+    res = run_cli("sweep", "suite=cifar100", "lr_schedule=multistep", "lr_milestones=3,6", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    params = yaml.safe_load(out.read_text())["parameters"]
+    assert params["lr_milestones"]["values"] == ["3,6"]
+    res = run_cli("sweep", "suite=mnist1d", "lr_schedule=multistep", "lr_milestones=3,6;8,12",
+                  "divebatch.delta=0.1,0.2", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    params = yaml.safe_load(out.read_text())["parameters"]
+    assert params["lr_milestones"]["values"] == ["3,6", "8,12"]
+    assert params["divebatch.delta"]["values"] == [0.1, 0.2]
+    res = run_cli("sweep", "suite=mnist1d", "lr_schedule=multistep", "lr_milestones=3,x")
+    assert res.exit_code == 2 and "lr_milestones='3,x' is not valid" in res.output
+
+
+@pytest.mark.parametrize(("key", "msg"), [("lr=1e308", "the scaled LR overflows float32"),
+                                          ("weight_decay=1e308", "weight_decay=1e+308 is not valid"),
+                                          ("weight_decay=inf", "expected a finite number >= 0")])
+def test_unrepresentable_values_are_refused_before_any_folder(tmp_path, key, msg):
+    from conftest import run_cli
+
+    res = run_cli("run", "suite=synthetic", "seeds=0", key, f"results_dir={tmp_path}", "wandb=off", "-q")
+    assert res.exit_code == 2 and msg in res.output
+    assert not list(tmp_path.rglob("config.yaml"))
