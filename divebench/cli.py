@@ -175,7 +175,7 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
             console.finished(label, result.summary, position)
     except KeyboardInterrupt as exc:
         click.echo(f"divebench: interrupted: {exc}; continue with the same command and resume=auto", err=True)
-        sys.exit(130)
+        sys.exit(128 + int(getattr(exc, "signum", 2)))  # 143 for SIGTERM, 130 for SIGINT (shell convention)
     if not no_report and not shard:
         _final_report(cfgs, quiet)
     if any(r.status == "failed" for r in results):

@@ -599,6 +599,11 @@ def validate(cfg: RunConfig, registry: Any, dataset_size: int | None = None) -> 
             pcfg.validate(ctx)
         except ValueError as exc:
             raise ConfigError(f"entry '{e.name}' (policy {cls.name}): {exc}") from None
+        except Exception as exc:  # a plugin's validate() with a bug: name it, no traceback
+            plugin = registry.policies[e.policy][1]
+            raise ConfigError(f"entry '{e.name}': policy {cls.name}'s config validate() (plugin '{plugin}') raised "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                              "(it should raise ValueError naming the bad key)") from None
 
 
 def show(cfg: RunConfig) -> str:

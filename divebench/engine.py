@@ -78,6 +78,10 @@ def build_model(cfg: RunConfig, registry: Any, data: DataBundle, device: torch.d
 def build_data(cfg: RunConfig, registry: Any, device: torch.device) -> DataBundle:
     builder = registry.datasets[cfg["dataset"]][0]
     data: DataBundle = builder(dict(cfg.values), device, 0)
+    subset = int(cfg["subset"] or 0)
+    if subset > data.train_size:
+        raise ConfigError(f"subset={subset} is larger than the training set of dataset={cfg['dataset']} "
+                          f"({data.train_size} samples): choose subset <= {data.train_size} (0 = all)")
     validate(cfg, registry, dataset_size=data.train_size)
     dtype = getattr(torch, cfg["dtype"])
     for name in ("x_train", "x_val", "x_test"):  # float features once; raw images stay uint8
@@ -236,6 +240,8 @@ def _run_one(
         else:
             path, run_id = resume_dir, resume_dir.name
             locks.append(lock_run(path))  # before anything is read or truncated
+            for tmp in path.glob(".*.tmp"):  # a killed writer's half-written files (we hold the lock)
+                tmp.unlink(missing_ok=True)
             folder = RunFolder(path, run_id)
             env = prior_env or {}
             if not (path / ckpt.FILENAME).exists():
@@ -263,6 +269,10 @@ def _run_one(
             amp=v["amp"], channels_last=channels_last, dtype=getattr(torch, v["dtype"]),
             log=lambda msg: (folder.log(msg), console.line(f"  {msg}")),
         )
+        cpus = os.cpu_count() or 1
+        if v["threads"] > cpus:
+            setup.log(f"threads={v['threads']} is more than this machine's {cpus} CPUs: torch's threads "
+                      f"will compete for them and train far slower; use threads<={cpus} (0 = torch's default)")
         if v["amp"] == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
             setup.log("amp=bf16: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 runs slower than amp=off here")
         progress, epoch_state = (None, None)
@@ -292,6 +302,7 @@ def _run_one(
         ckpt.save(path / ckpt.FILENAME, setup, p, clock, epoch_state, folder.state())
 
     status, error = "complete", None
+    interrupted_by = 2  # SIGINT unless the loop says otherwise
     if setup_error is not None:
         status, error = "failed", setup_error[0]
         folder.log(setup_error[1])
@@ -302,6 +313,7 @@ def _run_one(
         status, error = "diverged", str(exc)
     except Interrupted as exc:
         status, error = "interrupted", str(exc)
+        interrupted_by = exc.signum
     except ResultsError:
         raise  # the results directory failed (disk full, removed): a user error, not the run's
     except InvalidDecision as exc:
@@ -328,7 +340,9 @@ def _run_one(
     if status in ("failed", "diverged"):
         print(f"divebench: {label} {status}: {error}", file=sys.stderr)
     if status == "interrupted":
-        raise KeyboardInterrupt(error)
+        stop = KeyboardInterrupt(error)
+        stop.signum = interrupted_by  # type: ignore[attr-defined]  # the exit code is 128 + it
+        raise stop
     return RunResult(run_id, path, entry.name, seed, status, summary)
 
 
@@ -400,12 +414,23 @@ def find_resumable(cfg: RunConfig, entry: Entry, seed: int) -> tuple[str, Path |
 
 def check_resume_target(cfg: RunConfig, run_id: str) -> tuple[Entry, int, Path]:
     """resume=RUN_ID: the run folder must exist, hold a checkpoint, and match the config."""
+    if run_id in (".", "..") or "/" in run_id or os.sep in run_id or len(run_id) > 255:
+        shown = run_id if len(run_id) <= 60 else run_id[:57] + "..."
+        raise ConfigError(f"resume={shown!s}: expected a run id (a folder name under "
+                          f"{Path(cfg['results_dir']) / cfg.suite.name}, e.g. sgd-small-s0-20261206T...), "
+                          "or auto; to continue a run of another results folder, pass results_dir= of that folder")
     path = Path(cfg["results_dir"]) / cfg.suite.name / run_id
     if not (path / "config.yaml").exists():
         raise ConfigError(f"resume={run_id}: no such run under {path.parent} (see the run folders there, or use resume=auto)")
     if not (path / ckpt.FILENAME).exists():
         raise ConfigError(f"resume={run_id}: the run has no checkpoint to resume from ({path / ckpt.FILENAME} is missing)")
-    have = yaml.safe_load((path / "config.yaml").read_text())
+    try:
+        have = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"resume={run_id}: its config.yaml cannot be read ({type(exc).__name__}); "
+                          "restore the file, or start a new run") from None
+    if not isinstance(have, dict):
+        raise ConfigError(f"resume={run_id}: its config.yaml does not hold a mapping; restore the file, or start a new run")
     entries = {e.name: e for e in cfg.entries}
     entry = entries.get(have.get("entry"))
     if entry is None:

@@ -41,6 +41,10 @@ class Diverged(Exception):
 class Interrupted(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint was written at the step boundary."""
 
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 @dataclass
 class Setup:
@@ -238,7 +242,8 @@ def train(
                         "step_rows": step_rows, "stats_time_s": stats_time_s,
                         "epoch_train_s": clock.train_time_s - epoch_start_train_s,
                     })
-                raise Interrupted(f"stopped by signal {stop_signal[0]} in epoch {epoch + 1}; checkpoint written")
+                raise Interrupted(f"stopped by signal {stop_signal[0]} in epoch {epoch + 1}; checkpoint written",
+                                  stop_signal[0])
             if not math.isfinite(train_loss):
                 raise Diverged(f"training loss became {train_loss} in epoch {epoch + 1}")
             # ---- (5) evaluation, off the clock

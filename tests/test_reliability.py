@@ -117,7 +117,7 @@ def test_sigterm_checkpoints_at_step_boundary_and_resumes(tmp_path) -> None:
     run = _wait_rows(stopped, 1, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "resume=auto" in err
+    assert proc.returncode == 143 and "resume=auto" in err  # 128 + SIGTERM
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     rows_before = len(read_rows(run))
@@ -405,3 +405,76 @@ def test_stale_running_folders_are_interrupted_and_resumed(tmp_path) -> None:
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
     assert len(read_rows(run)) == 2
     assert "starting it over in this folder" in (run / "run.log").read_text()
+
+
+def test_subset_beyond_the_data_is_refused_and_too_many_threads_warned(tmp_path) -> None:
+    res = run_cli("run", "suite=synthetic", "seeds=0", "n_samples=600", "subset=5000", f"results_dir={tmp_path}",
+                  "wandb=off", "-q")
+    assert res.exit_code == 2
+    assert "subset=5000 is larger than the training set of dataset=synthetic (420 samples)" in res.output
+    threads = (os.cpu_count() or 1) + 1
+    res = run_cli("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=1", "n_samples=600",
+                  f"threads={threads}", f"results_dir={tmp_path}", "wandb=off", "--no-report")
+    assert res.exit_code == 0, res.output
+    assert f"threads={threads} is more than this machine's" in res.output
+    (run,) = (tmp_path / "synthetic").iterdir()
+    assert f"threads={threads} is more than" in (run / "run.log").read_text()
+
+
+def test_resume_cleans_a_killed_writers_temp_files_and_report_names_a_bad_summary(tmp_path) -> None:
+    run, args = _finished_run(tmp_path)
+    (run / ".metrics.jsonl.abc123.tmp").write_text("half")
+    res = run_cli("run", *args, f"resume={run.name}")
+    assert res.exit_code == 0, res.output
+    assert not list(run.glob(".*.tmp"))
+    (run / "summary.json").write_text("{not json")
+    res = run_cli("report", f"results_dir={tmp_path}")
+    assert "summary.json cannot be read (JSONDecodeError" in res.output
+
+
+def test_resume_values_and_folders_that_cannot_be_runs(tmp_path) -> None:
+    run, args = _finished_run(tmp_path)
+    other = tmp_path / "elsewhere"
+    for value in (str(run), "x" * 10_000, ".."):
+        res = run_cli("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=2", "n_samples=600",
+                      f"results_dir={other}", f"resume={value}", "wandb=off", "-q")
+        assert res.exit_code == 2 and "expected a run id" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+    assert not other.exists() or not list(other.rglob("config.yaml"))
+    (run / "config.yaml").write_text("suite: [unclosed\n")
+    res = run_cli("run", *args, f"resume={run.name}")
+    assert res.exit_code == 2 and "its config.yaml cannot be read" in res.output
+
+
+
+def test_a_plugin_validate_that_raises_a_non_value_error_is_one_line(tmp_path, register_plugin) -> None:
+    from dataclasses import dataclass
+
+    from divebench.hookspecs import hookimpl
+    from divebench.policy import Decision, Policy, PolicyConfig
+
+    @dataclass
+    class Cfg(PolicyConfig):
+        k: int = 1
+
+        def validate(self, ctx):
+            raise TypeError("boom")
+
+    class Buggy(Policy):
+        name = "buggyvalidate"
+        description = "t"
+        config_class = Cfg
+
+        def decide_epoch(self, state):
+            return Decision(state.batch_size)
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def divebench_policies():
+            return [Buggy]
+
+    register_plugin("buggy", Plugin)
+    res = run_cli("run", "suite=synthetic", "policy=buggyvalidate", "seeds=0", f"results_dir={tmp_path}", "-q")
+    assert res.exit_code == 2
+    assert "validate() (plugin 'buggy') raised TypeError: boom" in res.output and "Traceback" not in res.output

@@ -289,6 +289,11 @@ def format_table(score: SuiteScore) -> str:
     if score.not_scored:
         counts = Counter(r.status for r in score.not_scored)
         lines.append("not scored: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        for r in score.not_scored[:5]:  # why, for folders that are damaged or stale
+            if r.problems:
+                lines.append(f"  {r.path}: {'; '.join(r.problems)}")
+        if sum(bool(r.problems) for r in score.not_scored) > 5:
+            lines.append("  ... (the report's 'Runs not scored' lists every one)")
     return "\n".join(lines)
 
 
