@@ -320,39 +320,61 @@ def pareto_points(score: SuiteScore) -> dict[str, list[tuple[float, float | None
     return out
 
 
+_PARETO_MARKERS = ("D", "s", "^", "v", "P", "X")
+
+
 def pareto_chart(score: SuiteScore, path: Path) -> Path | None:
-    """Speed-up (time, steps) against the accuracy change, per seed and per entry mean."""
+    """Speed-up (time, steps) against the accuracy change, per seed and per entry mean.
+
+    The x axis spans the entries' means (and 0) with a margin; a seed beyond it (a run
+    that fell far below the baseline) is drawn at the edge as a '<' and counted in the
+    note, so one collapsed seed does not flatten every other point."""
     points = pareto_points(score)
     if not points:
         return None
-    colors = _colors([e.entry for e in score.entries])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True)
+    names = list(points)
+    cmap = plt.get_cmap("tab20")
+    style = {n: (cmap(i % 20), _PARETO_MARKERS[(i // 20) % len(_PARETO_MARKERS)]) for i, n in enumerate(names)}
+    means = [score.entry(n).acc_diff_pp for n in names]
+    finite = [m for m in means if m is not None and math.isfinite(m)] + [0.0]
+    lo, hi = min(finite), max(finite)
+    pad = max(1.0, 0.15 * (hi - lo))
+    lo, hi = lo - pad, hi + pad
+    clipped = 0
+    rows = -(-len(names) // 3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.2 * rows), sharex=True)
     for ax, col, key, what in ((axes[0], 1, "paper_time", "time"), (axes[1], 2, "paper_steps", "steps")):
-        for name, pts in points.items():
+        for name in names:
             e = score.entry(name)
-            xs = [p[0] for p in pts if _ok(p[col])]
-            ys = [p[col] for p in pts if _ok(p[col])]
-            ax.scatter(xs, ys, s=14, color=colors[name], alpha=0.6)
+            color, marker = style[name]
+            pts = [p for p in points[name] if _ok(p[col])]
+            inside = [p for p in pts if lo <= p[0] <= hi]
+            outside = [p for p in pts if not lo <= p[0] <= hi]
+            ax.scatter([p[0] for p in inside], [p[col] for p in inside], s=14, color=color, alpha=0.6)
+            if outside:
+                ax.scatter([lo if p[0] < lo else hi for p in outside], [p[col] for p in outside], s=40,
+                           color=color, marker="<" if outside[0][0] < lo else ">", alpha=0.8)
+                clipped += len(outside) if col == 1 else 0
             mean_y = e.speedups.get(key)
             if e.acc_diff_pp is not None and _ok(mean_y):
-                ax.scatter([e.acc_diff_pp], [mean_y], s=70, color=colors[name], edgecolors="black",
-                           linewidths=0.6, marker="D", label=_label(score, name))
+                ax.scatter([min(max(e.acc_diff_pp, lo), hi)], [mean_y], s=70, color=color, edgecolors="black",
+                           linewidths=0.6, marker=marker, label=f"{name} (n={e.n})")
+        ax.set_xlim(lo, hi)
         ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
         ax.axvline(0.0, color="0.5", lw=0.8, ls="--")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}×"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: f"{v:.2g}×"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, p: (_minor_log(v, p) + "×") if _minor_log(v, p) else ""))
         ax.set_xlabel(f"final accuracy − {score.baseline}'s (pp)")
         ax.set_ylabel(f"speed-up in {what} to ±1 point (×)")
         ax.set_title(f"{score.suite}: speed-up in {what} vs accuracy change", fontsize=10)
         ax.grid(True, alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(4, len(labels)),
-                   framealpha=0.85, bbox_to_anchor=(0.5, 0.0))
-    fig.text(0.99, 0.995, PARETO_NOTE, ha="right", va="top", fontsize=7, color="0.4")
-    rows = -(-len(labels) // 4) if labels else 0
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * rows, 1, 0.97))
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, framealpha=0.85)
+    note = PARETO_NOTE + (f"; {clipped} seed(s) beyond the x range drawn at its edge (< >)" if clipped else "")
+    fig.text(0.99, 0.995, note, ha="right", va="top", fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 0.97))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
