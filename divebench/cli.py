@@ -177,7 +177,8 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
         click.echo(f"divebench: interrupted: {exc}; continue with the same command and resume=auto", err=True)
         sys.exit(128 + int(getattr(exc, "signum", 2)))  # 143 for SIGTERM, 130 for SIGINT (shell convention)
     if not no_report and not shard:
-        _final_report(cfgs, quiet)
+        with as_user_errors():
+            _final_report(cfgs, quiet)
     if any(r.status == "failed" for r in results):
         sys.exit(1)
 
@@ -261,7 +262,14 @@ def _final_report(cfgs: list[Any], quiet: bool) -> None:
         click.echo(f"\n== {c.suite.name} ==")
         click.echo(_format(score))
     out = dirs[0] / "report"
-    path = write_report(dirs, out, None if len(cfgs) > 1 else cfgs[0].suite.name)
+    from divebench.results import ResultsError
+
+    try:
+        path = write_report(dirs, out, None if len(cfgs) > 1 else cfgs[0].suite.name)
+    except ResultsError as exc:
+        where = ",".join(map(str, dirs))
+        raise ResultsError(f"{str(exc).split('; free some space')[0]}; the runs' results are complete: "
+                           f"write the report again with divebench report results_dir={where}") from None
     click.echo(f"\nreport: {path}")
 
 
@@ -306,8 +314,13 @@ def report(settings: tuple[str, ...], to_wandb: bool) -> None:
             where = f" of suite {suite}" if suite else ""
             raise ConfigError(f"no runs{where} under {', '.join(map(str, dirs))}; run divebench run first")
         out = Path(opts.get("out") or dirs[0] / "report")
+        from divebench.results import ResultsError
+
         try:
             path = write_report(dirs, out, suite)
+        except ResultsError as exc:  # no run folder is touched by a report: only retry it
+            raise ResultsError(f"{str(exc).split('; free some space')[0]}; free some space or choose "
+                               "out=PATH, then run the same command again") from None
         except OSError as exc:
             raise ConfigError(f"out={out}: cannot write the report there ({exc.strerror or exc}); choose a folder with out=PATH") from None
         for name, score in scoring.score_all(runs).items():

@@ -478,3 +478,64 @@ def test_a_plugin_validate_that_raises_a_non_value_error_is_one_line(tmp_path, r
     res = run_cli("run", "suite=synthetic", "policy=buggyvalidate", "seeds=0", f"results_dir={tmp_path}", "-q")
     assert res.exit_code == 2
     assert "validate() (plugin 'buggy') raised TypeError: boom" in res.output and "Traceback" not in res.output
+
+
+def test_a_full_disk_while_writing_the_report_is_one_line_and_leaves_no_torn_file(tmp_path, monkeypatch) -> None:
+    """ENOSPC in the report's writes (PNGs first): exit 2, one line, the runs complete,
+    and no file of the report exists half-written under its final name."""
+    import divebench.results as results
+
+    real = results.os.replace
+
+    def no_space(src, dst, *a, **k):
+        if str(dst).endswith((".png", ".md", ".html")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(results.os, "replace", no_space)
+    res = run_cli("run", "suite=synthetic", "policy=sgd-small,divebatch", "seeds=0", "epochs=2", "n_samples=600",
+                  f"results_dir={tmp_path}", "wandb=off", "-q")
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert "No space left on device; the runs' results are complete: write the report again with divebench report" in lines[-1]
+    assert "Traceback" not in res.output
+    for run in (tmp_path / "synthetic").iterdir():
+        assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    report = tmp_path / "report"
+    assert not [p for p in report.iterdir() if p.suffix in (".png", ".md", ".html")]
+    assert not list(report.glob(".*.tmp"))
+    monkeypatch.setattr(results.os, "replace", real)
+    res = run_cli("report", f"results_dir={tmp_path}")
+    assert res.exit_code == 0 and (report / "report.md").exists()
+
+
+def test_two_concurrent_resume_auto_on_one_killed_run(tmp_path) -> None:
+    """Two `resume=auto` processes on one killed run: exactly one continues it, the other
+    exits 2 naming the holder, and the folder ends as an uninterrupted run does."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ["suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=12", "wandb=off"]
+    reference = subprocess.Popen(_cli(*args, f"results_dir={straight}"))
+    proc = subprocess.Popen(_cli(*args, f"results_dir={killed}"))
+    t0 = time.time()
+    while True:
+        runs = list((killed / "synthetic").glob("*")) if (killed / "synthetic").exists() else []
+        if runs and (runs[0] / "metrics.jsonl").exists() and len(read_rows(runs[0])) >= 2:
+            break
+        assert proc.poll() is None and time.time() - t0 < 240, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run,) = runs
+    both = [subprocess.Popen(_cli(*args, f"results_dir={killed}", "resume=auto"), stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in both]
+    codes = sorted(p.returncode for p in both)
+    errs = [e for _o, e in outs]
+    assert codes == [0, 2], (codes, errs)
+    loser = errs[[p.returncode for p in both].index(2)]
+    assert f"run {run.name} is being written by process" in loser and "Traceback" not in loser
+    assert reference.wait(timeout=600) == 0
+    assert [p.name for p in (killed / "synthetic").iterdir()] == [run.name]
+    (ref,) = (straight / "synthetic").iterdir()
+    assert_same_rows(read_rows(ref), read_rows(run))
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"

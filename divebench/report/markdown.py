@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from divebench.report.plots import BAND_NOTE, suite_charts
+from divebench.results import ResultsError, atomic_write_text
 from divebench.scoring import (
     EntryScore,
     SuiteScore,
@@ -513,7 +514,10 @@ def write_report(
         results_dirs = [Path(results_dirs)]
     dirs = [Path(d) for d in results_dirs]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultsError(f"cannot create the report folder {out_dir}: {exc.strerror or exc}") from None
     runs = load_runs(dirs, suite)
     scores = score_all(runs)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -534,9 +538,11 @@ def write_report(
         charts = suite_charts(s, out_dir)
         blocks.extend(suite_blocks(s, charts))
     md_path = out_dir / "report.md"
-    md_path.write_text(to_markdown(blocks, out_dir))
-    (out_dir / "report.html").write_text(to_html(blocks, "divebench report"))
-    (out_dir / "scores.json").write_text(
-        json.dumps({k: v.to_dict() for k, v in scores.items()}, indent=2, allow_nan=False) + "\n"
+    # each file replaced atomically: a failed write leaves the previous report's file
+    atomic_write_text(md_path, to_markdown(blocks, out_dir))
+    atomic_write_text(out_dir / "report.html", to_html(blocks, "divebench report"))
+    atomic_write_text(
+        out_dir / "scores.json",
+        json.dumps({k: v.to_dict() for k, v in scores.items()}, indent=2, allow_nan=False) + "\n",
     )
     return md_path

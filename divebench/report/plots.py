@@ -39,6 +39,22 @@ class Curve:
     n: int
 
 
+def save_png(fig: Any, path: Path) -> Path:
+    """Render the figure in memory, then replace ``path`` atomically (a full disk leaves
+    the old file or none, never a truncated PNG under the final name)."""
+    import io
+
+    from divebench.results import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def _ok(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -98,9 +114,7 @@ def _finish(
         ax.legend(fontsize=8, loc="best", framealpha=0.85)
     fig.text(0.99, 0.01, note, ha="right", va="bottom", fontsize=7, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _label(score: SuiteScore, name: str) -> str:
@@ -375,9 +389,7 @@ def pareto_chart(score: SuiteScore, path: Path) -> Path | None:
     note = PARETO_NOTE + (f"; {clipped} seed(s) beyond the x range drawn at its edge (< >)" if clipped else "")
     fig.text(0.99, 0.995, note, ha="right", va="top", fontsize=7, color="0.4")
     fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 0.97))
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def suite_charts(score: SuiteScore, out_dir: Path) -> dict[str, Path]:
