@@ -563,12 +563,11 @@ def validate(cfg: RunConfig, registry: Any, dataset_size: int | None = None) -> 
         raise ConfigError(f"momentum={v['momentum']} is not valid: expected 0 <= momentum < 1")
     if not 0 <= v["weight_decay"] < float("inf"):
         raise ConfigError(f"weight_decay={v['weight_decay']} is not valid: expected a finite number >= 0")
-    # the optimiser works in float32: an LR (times the largest linear scaling B_max/B0) or a
-    # weight decay beyond float32's range overflows in the first step
+    # the optimiser works in float32: an LR or a weight decay beyond float32's range
+    # overflows in the first step
     f32_max = 3.4028234663852886e38
-    if v["lr"] * max(1.0, v["max_batch_size"] / max(v["batch_size"], 1)) > f32_max:
-        raise ConfigError(f"lr={v['lr']} is not valid: with B_max/B0 = {v['max_batch_size'] / v['batch_size']:g} "
-                          f"the scaled LR overflows float32; expected lr <= {f32_max / max(1.0, v['max_batch_size'] / v['batch_size']):.3g}")
+    if v["lr"] > f32_max:
+        raise ConfigError(f"lr={v['lr']} is not valid: it overflows float32; expected lr <= {f32_max:.3g}")
     if v["weight_decay"] > f32_max:
         raise ConfigError(f"weight_decay={v['weight_decay']} is not valid: it overflows float32; expected <= {f32_max:.3g}")
     if not 0 <= v["target_accuracy"] <= 1:

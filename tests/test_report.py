@@ -63,6 +63,7 @@ def test_report_files_tables_and_charts(tmp_path):
             "val_acc-vs-samples",
             "batch_size-vs-epoch",
             "grad_diversity-vs-epoch",
+            "pareto",
             "lr-vs-epoch",
         )
     )
@@ -81,7 +82,7 @@ def test_html_is_self_contained(tmp_path):
     write_report([tmp_path / "results"], tmp_path / "out")
     page = (tmp_path / "out" / "report.html").read_text()
     srcs = re.findall(r"src='([^']*)'", page)
-    assert len(srcs) == 5
+    assert len(srcs) == 6  # five line charts and the Pareto chart
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
