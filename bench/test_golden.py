@@ -61,7 +61,9 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 # suite -> the settings on top of the suite's own (entries, delta, resize_freq as shipped)
 GOLDEN_RUNS: dict[str, list[str]] = {
     "synthetic": ["seeds=0", "epochs=6"],
-    "mnist1d": ["seeds=0", "epochs=8"],
+    # gns and normtest measure steps all run long: their golden trajectories are the
+    # synthetic suite's (cheap), and MNIST-1D keeps the other entries (CI time)
+    "mnist1d": ["seeds=0", "epochs=8", "policy=sgd-small,sgd-large,adabatch,divebatch,smith"],
 }
 COMMON = ["device=cpu", "wandb=off", "threads=1", "dtype=float64"]
 PER_EPOCH = ("batch_size", "lr_multiplier", "measured", "measured_steps", "n_grad_diversity", "step",
@@ -111,8 +113,9 @@ def run_suite(suite: str, results_dir: Path, extra: Sequence[str] = ()) -> dict[
     """``divebench run`` the suite's golden settings (+ ``extra``); the golden record."""
     from divebench import cli
 
-    args = ["run", f"suite={suite}", *GOLDEN_RUNS[suite], *COMMON, *extra,
-            f"results_dir={results_dir}", "--no-report", "-q"]
+    given = {a.split("=", 1)[0] for a in extra}
+    base = [a for a in [*GOLDEN_RUNS[suite], *COMMON] if a.split("=", 1)[0] not in given]  # extra wins
+    args = ["run", f"suite={suite}", *base, *extra, f"results_dir={results_dir}", "--no-report", "-q"]
     res = CliRunner().invoke(cli.main, args)
     assert res.exit_code == 0, f"divebench {' '.join(args)} exited {res.exit_code}:\n{res.output}"
     return record(results_dir, suite)
@@ -246,7 +249,7 @@ def test_golden_runs_move_the_batch_size(records: dict[str, dict[str, Any]]) -> 
     """The golden settings exercise the policies: every entry completes, and every
     adaptive policy's batch size changes within the budget."""
     adaptive = {"synthetic": ("adabatch", "divebatch", "gns", "normtest"),
-                "mnist1d": ("adabatch", "divebatch", "gns", "normtest", "smith")}
+                "mnist1d": ("adabatch", "divebatch", "smith")}
     for suite, entries in records.items():
         assert set(entries) == {"sgd-small", "sgd-large", *adaptive[suite]}, suite
         for name, e in entries.items():

@@ -513,7 +513,7 @@ def test_two_concurrent_resume_auto_on_one_killed_run(tmp_path) -> None:
     """Two `resume=auto` processes on one killed run: exactly one continues it, the other
     exits 2 naming the holder, and the folder ends as an uninterrupted run does."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = ["suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=12", "wandb=off"]
+    args = ["suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=8", "wandb=off"]
     reference = subprocess.Popen(_cli(*args, f"results_dir={straight}"))
     proc = subprocess.Popen(_cli(*args, f"results_dir={killed}"))
     t0 = time.time()
