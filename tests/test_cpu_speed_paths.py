@@ -71,8 +71,8 @@ def test_exact_statistics_under_cpu_bf16_autocast_are_close_to_float32() -> None
 def test_cifar10_suite_runs_measured_and_growing_policies_with_bf16_on_cpu(tmp_path: Path) -> None:
     # the measured policy (per-sample hooks under autocast) and a growing batch; the
     # other policies' bf16 paths are the same loop (tests/test_suites.py runs them in fp32)
-    res = run_cli("run", "suite=cifar10", "data=fake", "epochs=2", "subset=64", "seeds=1", "device=cpu",
-                  "amp=bf16", "threads=1", "batch_size=16", "max_batch_size=64", "divebatch.resize_freq=1",
+    res = run_cli("run", "suite=cifar10", "data=fake", "epochs=2", "subset=32", "seeds=1", "device=cpu",
+                  "amp=bf16", "threads=1", "batch_size=8", "max_batch_size=16", "divebatch.resize_freq=1",
                   "policy=divebatch,adabatch", "adabatch.resize_freq=1", f"results_dir={tmp_path}", "wandb=off",
                   "--no-report", "-q")
     assert res.exit_code == 0, res.output

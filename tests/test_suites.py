@@ -10,8 +10,9 @@ from conftest import read_rows, run_cli
 
 
 def test_mnist1d_cnn_sgd_reaches_93_percent(tmp_path) -> None:
-    """MNIST-1D's authors report about 94% for this CNN."""
-    res = run_cli("run", "suite=mnist1d", "policy=sgd", "epochs=60", "seeds=0", f"results_dir={tmp_path}",
+    """MNIST-1D's authors report about 94% for this CNN; the suite as shipped (20 epochs)
+    ends at 95.0 ± 0.17% over seeds 0-2 (README), so 93% leaves 2 points for other CPUs."""
+    res = run_cli("run", "suite=mnist1d", "policy=sgd", "seeds=0", f"results_dir={tmp_path}",
                   "wandb=off", "--no-report", "-q")
     assert res.exit_code == 0, res.output
     (run,) = (tmp_path / "mnist1d").iterdir()
