@@ -27,7 +27,9 @@ VERSION = 1
 
 
 def _model_state(setup: Setup) -> dict[str, Any]:
-    return dict(setup.model.state_dict())
+    from divebench.distributed import unwrap_ddp
+
+    return dict(unwrap_ddp(setup.model).state_dict())  # the same keys with and without DDP
 
 
 def save(path: Any, setup: Setup, p: Progress, clock: Clock, epoch_state: dict[str, Any] | None,
@@ -65,7 +67,9 @@ def load(path: Any, device: torch.device) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], setup: Setup, clock: Clock) -> tuple[Progress, dict[str, Any] | None]:
-    setup.model.load_state_dict(state["model"])
+    from divebench.distributed import unwrap_ddp
+
+    unwrap_ddp(setup.model).load_state_dict(state["model"])
     setup.optimizer.load_state_dict(state["optimizer"])
     setup.policy.load_state_dict(state["policy"])
     if setup.provider is not None and state["provider"] is not None:

@@ -130,6 +130,12 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
             click.echo("\n\n".join(show(c) for c in cfgs))
             return
         device = engine.resolve_device(cfgs[0]["device"])
+        from divebench import distributed
+
+        dist = distributed.setup(device)  # torchrun with WORLD_SIZE > 1; else None
+        if dist is not None:
+            device = dist.device
+            quiet = quiet or not dist.is_main  # rank 0 speaks for the group
         from divebench.results import check_writable
 
         for c in cfgs:
@@ -164,6 +170,8 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
             position = f"run {i + 1}/{len(matrix)}"
             if resume == "auto":
                 kind, found = engine.find_resumable(c, entry, seed)
+                if dist is not None:  # rank 0's view of the folders holds for every rank
+                    kind, found = dist.broadcast((kind, found))
                 if kind == "complete":
                     console.line(f"{label} already complete: {found} ({position})")
                     continue
@@ -176,7 +184,7 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
     except KeyboardInterrupt as exc:
         click.echo(f"divebench: interrupted: {exc}; continue with the same command and resume=auto", err=True)
         sys.exit(128 + int(getattr(exc, "signum", 2)))  # 143 for SIGTERM, 130 for SIGINT (shell convention)
-    if not no_report and not shard:
+    if not no_report and not shard and (dist is None or dist.is_main):
         with as_user_errors():
             _final_report(cfgs, quiet)
     if any(r.status == "failed" for r in results):

@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 
 from divebench import checkpoint as ckpt
+from divebench import distributed
 from divebench.clock import Clock
 from divebench.config import (
     ConfigError,
@@ -38,6 +39,7 @@ from divebench.data.base import DataBundle
 from divebench.loop import Diverged, Interrupted, Progress, Setup, train
 from divebench.policy import InvalidDecision
 from divebench.results import (
+    RankFolder,
     ResultsError,
     RunFolder,
     environment,
@@ -194,6 +196,8 @@ def _run_one(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # autotune: its warm-up is counted as training time
     clock = Clock(device)
+    dist = distributed.current()  # None unless torchrun started several processes
+    main = dist is None or dist.is_main
     with clock.region("other"):
         policy_cls, plugin = registry.policies[entry.policy]
         ctx = suite_context(cfg, data.train_size, seed)
@@ -216,19 +220,37 @@ def _run_one(
                     raise ValueError("stats_scope='step' needs per_step = True (step statistics "
                                      "arrive at decide_step)")
                 provider = provider_from_options(policy.stats_options(), policy_cls.stats_scope)
+                provider.set_dist(dist)
             except Exception as exc:  # the plugin's options: its own run fails, the suite goes on
                 setup_error = (f"policy '{entry.policy}' (plugin '{plugin}'): {str(exc).splitlines()[0]}",
                                traceback.format_exc())
         module = provider.wrap(model) if provider is not None else model
         if v["compile"]:
             module = torch.compile(module)  # warm-up is counted in train time (AlgoPerf rule)
+        if dist is not None:
+            module = distributed.wrap(module, dist)
         optimizer = torch.optim.SGD(
             model.parameters(), lr=v["lr"], momentum=v["momentum"],
             weight_decay=v["weight_decay"], nesterov=v["nesterov"],
         )
         config = run_config_dict(cfg, entry, seed)
-        if resume_dir is None:
-            run_id, path = new_run_dir(Path(v["results_dir"]), cfg.suite.name, entry.name, seed)
+        if dist is not None and not main:  # rank 0 is the one writer: follow it
+            run_id, path_s, refusal = dist.broadcast(None)
+            if refusal is not None:
+                raise ConfigError(refusal)
+            path = Path(path_s)
+            folder = RankFolder(path, run_id)
+            env = {}
+            state = None
+            if resume_dir is not None and (path / ckpt.FILENAME).exists():
+                state = ckpt.load(path / ckpt.FILENAME, device)
+        elif resume_dir is None:
+            try:
+                run_id, path = new_run_dir(Path(v["results_dir"]), cfg.suite.name, entry.name, seed)
+            except ResultsError as exc:
+                if dist is not None:
+                    dist.broadcast((None, None, str(exc)))
+                raise
             locks.append(lock_run(path))
             folder = RunFolder(path, run_id)
             folder.write_config(config)
@@ -237,37 +259,23 @@ def _run_one(
             }
             folder.write_env(env)
             state = None
+            if dist is not None:
+                dist.broadcast((run_id, str(path), None))
         else:
-            path, run_id = resume_dir, resume_dir.name
-            locks.append(lock_run(path))  # before anything is read or truncated
-            for tmp in path.glob(".*.tmp"):  # a killed writer's half-written files (we hold the lock)
-                tmp.unlink(missing_ok=True)
-            folder = RunFolder(path, run_id)
-            env = prior_env or {}
-            if not (path / ckpt.FILENAME).exists():
-                # resume=auto of a run stopped before its first checkpoint (killed, disk
-                # full): nothing was trained, so it starts over in its own folder
-                folder.log("no checkpoint was written before the run stopped: starting it over in this folder")
-                folder.write_config(config)
-                state = None
-            else:
-                try:
-                    state = ckpt.load(path / ckpt.FILENAME, device)
-                except Exception as exc:  # truncated, empty or foreign: nothing can be trusted
-                    raise ConfigError(f"resume: {path / ckpt.FILENAME} cannot be read ({type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0] if str(exc) else 'empty or truncated'}); "
-                                      "start the run again without resume=") from None
-                recorded = state.get("folder") if isinstance(state, dict) else None
-                if recorded is not None:  # checkpoints before 2026-12-06 recorded nothing to check
-                    why = folder.check_against(recorded)
-                    if why is not None:
-                        raise ConfigError(f"resume: run {run_id} cannot be continued: {why}")
+            try:
+                path, run_id, state, env, folder = _open_for_resume(resume_dir, config, device, locks, prior_env)
+            except (ConfigError, ResultsError) as exc:
+                if dist is not None:
+                    dist.broadcast((None, None, str(exc)))
+                raise
+            if dist is not None:
+                dist.broadcast((run_id, str(path), None))
         setup = Setup(
             model=module, optimizer=optimizer, policy=policy, plugin=plugin, provider=provider,
             data=data, device=device, epochs=v["epochs"], base_lr=lr_schedule(v),
             max_micro_batch=v["max_micro_batch"], eval_batch_size=v["eval_batch_size"], seed=seed,
             amp=v["amp"], channels_last=channels_last, dtype=getattr(torch, v["dtype"]),
-            log=lambda msg: (folder.log(msg), console.line(f"  {msg}")),
+            log=lambda msg: (folder.log(msg), console.line(f"  {msg}")), dist=dist,
         )
         cpus = os.cpu_count() or 1
         if v["threads"] > cpus:
@@ -280,7 +288,7 @@ def _run_one(
             progress, epoch_state = ckpt.restore(state, setup, clock)
             folder.truncate_metrics(progress.epoch)
             folder.log(f"resumed from epoch {progress.epoch}" + (" (mid-epoch)" if epoch_state else ""))
-        sink = sink_factory() if sink_factory is not None else None
+        sink = sink_factory() if sink_factory is not None and main else None
         if sink is not None:
             sink.start(path, config, env, v["wandb"], v["wandb_project"], cfg.suite.name,
                        entry.policy, f"{entry.name}-{seed}", run_id, resume=state is not None)
@@ -299,7 +307,8 @@ def _run_one(
         console.epoch(label, v["epochs"], row)
 
     def save(p: Progress, sampler: Any, aug_gen: torch.Generator, epoch_state: dict[str, Any] | None) -> None:
-        ckpt.save(path / ckpt.FILENAME, setup, p, clock, epoch_state, folder.state())
+        if main:  # one writer
+            ckpt.save(path / ckpt.FILENAME, setup, p, clock, epoch_state, folder.state())
 
     status, error = "complete", None
     interrupted_by = 2  # SIGINT unless the loop says otherwise
@@ -333,11 +342,11 @@ def _run_one(
         if sink is not None:
             summary["wandb"] = sink.finish(summary)
         folder.write_summary(summary)
-        if status == "complete" and not v["keep_checkpoint"]:
+        if status == "complete" and not v["keep_checkpoint"] and main:
             # only after the summary says complete: a crash in between leaves a
             # resumable run, never a finished one without its final state
             (path / ckpt.FILENAME).unlink(missing_ok=True)
-    if status in ("failed", "diverged"):
+    if status in ("failed", "diverged") and main:
         print(f"divebench: {label} {status}: {error}", file=sys.stderr)
     if status == "interrupted":
         stop = KeyboardInterrupt(error)
@@ -349,6 +358,37 @@ def _run_one(
 def _epoch_span(rows: list[dict[str, Any]]) -> str:
     epochs = [r.get("epoch") for r in rows]
     return "none" if not epochs else f"{len(epochs)} rows ({epochs[0]}..{epochs[-1]})"
+
+
+def _open_for_resume(
+    path: Path, config: dict[str, Any], device: torch.device, locks: list[int], prior_env: dict[str, Any] | None,
+) -> tuple[Path, str, dict[str, Any] | None, dict[str, Any], RunFolder]:
+    """Take the run's lock and check the folder against its checkpoint (README,
+    "What a resume checks"); returns (path, run id, checkpoint state or None, env, folder)."""
+    run_id = path.name
+    locks.append(lock_run(path))  # before anything is read or truncated
+    for tmp in path.glob(".*.tmp"):  # a killed writer's half-written files (we hold the lock)
+        tmp.unlink(missing_ok=True)
+    folder = RunFolder(path, run_id)
+    env = prior_env or {}
+    if not (path / ckpt.FILENAME).exists():
+        # resume=auto of a run stopped before its first checkpoint (killed, disk full):
+        # nothing was trained, so it starts over in its own folder
+        folder.log("no checkpoint was written before the run stopped: starting it over in this folder")
+        folder.write_config(config)
+        return path, run_id, None, env, folder
+    try:
+        state = ckpt.load(path / ckpt.FILENAME, device)
+    except Exception as exc:  # truncated, empty or foreign: nothing can be trusted
+        raise ConfigError(f"resume: {path / ckpt.FILENAME} cannot be read ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else 'empty or truncated'}); "
+                          "start the run again without resume=") from None
+    recorded = state.get("folder") if isinstance(state, dict) else None
+    if recorded is not None:  # checkpoints before 2026-12-06 recorded nothing to check
+        why = folder.check_against(recorded)
+        if why is not None:
+            raise ConfigError(f"resume: run {run_id} cannot be continued: {why}")
+    return path, run_id, state, env, folder
 
 
 def read_env(path: Path) -> dict[str, Any]:

@@ -66,6 +66,7 @@ class Setup:
     channels_last: bool = False
     dtype: torch.dtype = torch.float32  # of the model's inputs (and weights)
     log: Callable[[str], None] = print  # events worth keeping (OOM retries): the run log
+    dist: Any = None  # divebench.distributed.Dist under torchrun with WORLD_SIZE > 1, else None
 
 
 @dataclass
@@ -173,6 +174,8 @@ def train(
                 if resume_epoch_state is None:
                     state = _state(s, p, clock, epoch, n)
                     decision = validate_decision(s.policy.decide_epoch(state), s.policy, s.plugin)
+                    if s.dist is not None:  # every rank decides; rank 0's decision holds
+                        decision = s.dist.broadcast(decision)
                     measure = decision.measure and s.provider is not None and not step_scope
                     if s.provider is not None:
                         s.provider.start_epoch(measure, n)
@@ -196,7 +199,11 @@ def train(
                     if s.policy.per_step:
                         new = s.policy.decide_step(_state(s, p, clock, epoch, n))
                         if new is not None:
-                            decision = p.decision = validate_decision(new, s.policy, s.plugin)
+                            new = validate_decision(new, s.policy, s.plugin)
+                        if s.dist is not None:
+                            new = s.dist.broadcast(new)
+                        if new is not None:
+                            decision = p.decision = new
                     idx = sampler.next_batch(decision.batch_size)
                     if idx is None:
                         break
@@ -226,12 +233,19 @@ def train(
                     p.step += 1
                     p.samples_seen += bsz
                     seen += bsz
+                    if s.dist is not None:  # a signal on any rank stops every rank at this step
+                        agreed = s.dist.any(stop_signal[0] if stop_signal else 0)
+                        if agreed and not stop_signal:
+                            stop_signal.append(agreed)
                     if stop_signal:
                         break
                 if not stop_signal:
                     stats = s.provider.end_epoch() if s.provider is not None else None
                     if stats is not None:
                         stats_time_s = stats.time_s
+                    if s.dist is not None:  # each rank summed its own slices
+                        s.dist.sum_(loss_sum)
+                        s.dist.sum_(correct)
                     train_loss = float(loss_sum) / max(seen, 1)
             if stop_signal:
                 with clock.region("other"):
@@ -251,6 +265,10 @@ def train(
                 p.last_eval = _evaluate(s)
             # ---- (6) bookkeeping, off the clock: metrics row, sinks, checkpoint
             with clock.region("other"):
+                # the slowest rank's training time (one process: its own)
+                train_time_s, epoch_time_s = clock.train_time_s, clock.train_time_s - epoch_start_train_s
+                if s.dist is not None:
+                    train_time_s, epoch_time_s = s.dist.max_floats([train_time_s, epoch_time_s])
                 p.epoch += 1
                 p.stats = stats
                 row = {
@@ -259,8 +277,8 @@ def train(
                     "lr_multiplier": decision.lr_multiplier, "train_loss": train_loss,
                     "train_acc": int(correct) / max(seen, 1),
                     "val_loss": p.last_eval.val_loss, "val_acc": p.last_eval.val_acc,
-                    "train_time_s": clock.train_time_s,
-                    "epoch_train_time_s": clock.train_time_s - epoch_start_train_s,
+                    "train_time_s": train_time_s,
+                    "epoch_train_time_s": epoch_time_s,
                     "eval_time_s": clock.eval_time_s, "other_time_s": clock.other_time_s,
                     "wall_time_s": clock.wall_time_s, "measured": stats is not None,
                     "measured_steps": len(step_rows),
@@ -294,6 +312,8 @@ def _batch_with_oom_retry(
     aug_state = aug_gen.get_state()
     while True:
         try:
+            if s.dist is not None:
+                return _accumulate_ranks(s, idx, measure, aug_gen, micro[0])
             return _accumulate(s, idx, measure, aug_gen, micro[0])
         except torch.OutOfMemoryError:
             s.optimizer.zero_grad(set_to_none=True)
@@ -340,6 +360,51 @@ def _accumulate(
         loss_sum = part_loss if loss_sum is None else loss_sum + part_loss
         correct = part_correct if correct is None else correct + part_correct
     assert loss_sum is not None and correct is not None
+    return loss_sum, correct
+
+
+def _accumulate_ranks(
+    s: Setup, idx: torch.Tensor, measure: bool, aug_gen: torch.Generator, max_micro: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of a global batch under DistributedDataParallel
+    (:mod:`divebench.distributed`): slice ``rank`` of W contiguous slices, micro-batched,
+    each micro-batch's mean loss scaled by W·m/B so that DDP's average over ranks is the
+    global batch's mean gradient; gradients are all-reduced on the last micro-batch
+    only. A rank with an empty slice runs one sample at loss scale 0."""
+    d = s.dist
+    bsz = int(idx.shape[0])
+    local = idx.tensor_split(d.world)[d.rank]
+    empty = int(local.shape[0]) == 0
+    if empty:
+        local = idx[:1]
+    m_local = int(local.shape[0])
+    k = math.ceil(m_local / max_micro)
+    if measure:
+        assert s.provider is not None
+        k = max(k, s.provider.min_micro_batches(m_local))
+    s.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
+    correct = torch.zeros((), device=s.device, dtype=torch.long)
+    subs = (local,) if k == 1 else local.tensor_split(k)
+    for j, sub in enumerate(subs):
+        x = _to_input(s, s.data.train_transform(s.data.x_train[sub], aug_gen))
+        y = s.data.y_train[sub]
+        m = int(sub.shape[0])
+        scale = 0.0 if empty else d.world * m / bsz
+        with s.model.no_sync() if j < len(subs) - 1 else nullcontext():
+            with _autocast(s):
+                out = s.model(x)
+                loss = nn.functional.cross_entropy(_logits_for_loss(out), y)
+            (loss * scale).backward()
+        if measure:
+            assert s.provider is not None
+            if empty:
+                s.provider.abort_batch()  # the stand-in sample contributes nothing
+            else:
+                s.provider.after_micro_backward(m, scale)
+        if not empty:
+            loss_sum = loss_sum + loss.detach().double() * m
+            correct = correct + (out.detach().argmax(1) == y).sum()
     return loss_sum, correct
 
 

@@ -345,3 +345,29 @@ def environment(device: Any, plugins: dict[str, str]) -> dict[str, Any]:
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class RankFolder(RunFolder):
+    """A data-parallel run's folder as ranks other than 0 see it: read, never written
+    (rank 0 is the one writer); metric rows are kept in memory only."""
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        pass
+
+    def write_env(self, env: dict[str, Any]) -> None:
+        pass
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        self.rows = self.rows + [row]
+
+    def append_steps(self, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def truncate_metrics(self, epochs: int) -> None:
+        self.rows = [r for r in self.rows if r["epoch"] <= epochs]
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def log(self, text: str) -> None:
+        pass

@@ -60,6 +60,12 @@ class StatsProvider(Protocol):
         """How many micro-batches a measured logical batch must be split into (>= 1)."""
         ...
 
+    def set_dist(self, dist: Any) -> None:
+        """A data-parallel run (:mod:`divebench.distributed`): sum what each rank's slice
+        contributes across ranks, or raise ``ValueError`` when the provider has no
+        distributed definition."""
+        ...
+
     def start_epoch(self, measure: bool, dataset_size: int) -> None:
         """Begin an epoch; when ``measure`` is False the provider must cost ~nothing."""
         ...

@@ -94,6 +94,10 @@ class _EstimatorBase:
     def min_micro_batches(self, batch_size: int) -> int:
         return 1
 
+    def set_dist(self, dist: Any) -> None:
+        """Data-parallel run: ``epoch`` reads only p.grad, which DDP has all-reduced,
+        so it is the one-process estimator unchanged."""
+
     def start_epoch(self, measure: bool, dataset_size: int) -> None:
         self._reset()
         self._measure = measure
@@ -233,6 +237,11 @@ class MicroBatchEstimator(_EstimatorBase):
 
     def min_micro_batches(self, batch_size: int) -> int:
         return max(1, min(self.micro_batches, batch_size))
+
+    def set_dist(self, dist: Any) -> None:
+        if dist is not None:
+            raise ValueError("estimator=microbatch is not defined for data-parallel runs yet (its micro-batch "
+                             "gradients are local until DDP's all-reduce); use estimator=exact or epoch")
 
     def after_micro_backward(self, micro_size: int, loss_scale: float) -> None:
         if not self._measure:

@@ -1004,6 +1004,7 @@ class ExactProvider:
         self._params: list[nn.Parameter] = []
         self._measure = False
         self._step_scope = False  # set by the first start_step (stats_scope = "step")
+        self._dist: Any = None  # divebench.distributed.Dist of a data-parallel run
         self._last_step: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._step_time0 = 0.0
         self._reset()
@@ -1030,6 +1031,11 @@ class ExactProvider:
 
     def min_micro_batches(self, batch_size: int) -> int:
         return 1
+
+    def set_dist(self, dist: Any) -> None:
+        """Data-parallel run: each rank's per-sample sums are all-reduced after every
+        batch (p.grad is already DDP's all-reduced mean)."""
+        self._dist = dist
 
     def record_per_parameter(self) -> dict[nn.Parameter, torch.Tensor]:
         """From now on, also keep Σ_i ||g_i||² per parameter (as the hooks see it:
@@ -1069,6 +1075,8 @@ class ExactProvider:
         if not self._measure:
             return
         start = time.perf_counter()
+        if self._dist is not None:  # Σ_i ||g_i||² over every rank's slice (float64)
+            self._dist.sum_(self._batch_sq)
         if self._step_scope:
             # the step's own sums; nothing is kept for the epoch
             grads = [p.grad for p in self._params if p.grad is not None]
