@@ -182,8 +182,11 @@ def run(settings: tuple[str, ...], show_config: bool, quiet: bool, shard: str | 
             results.append(result)
             console.finished(label, result.summary, position)
     except KeyboardInterrupt as exc:
-        click.echo(f"divebench: interrupted: {exc}; continue with the same command and resume=auto", err=True)
+        if dist is None or dist.is_main:
+            click.echo(f"divebench: interrupted: {exc}; continue with the same command and resume=auto", err=True)
+        distributed.shutdown(clean=False)
         sys.exit(128 + int(getattr(exc, "signum", 2)))  # 143 for SIGTERM, 130 for SIGINT (shell convention)
+    distributed.shutdown()
     if not no_report and not shard and (dist is None or dist.is_main):
         with as_user_errors():
             _final_report(cfgs, quiet)

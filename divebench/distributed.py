@@ -126,3 +126,18 @@ def unwrap_ddp(module: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return module.module if isinstance(module, DDP) else module
+
+
+def shutdown(clean: bool = True) -> None:
+    """Leave the group: a barrier (so no rank tears its connections down while another
+    still talks) and destroy_process_group; ``clean=False`` skips the barrier (a peer
+    may be gone)."""
+    global _DIST
+    if _DIST is None or not tdist.is_initialized():
+        return
+    try:
+        if clean:
+            tdist.barrier()
+    finally:
+        tdist.destroy_process_group()
+        _DIST = None
