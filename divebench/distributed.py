@@ -128,6 +128,16 @@ def unwrap_ddp(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DDP) else module
 
 
+def is_group_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because a peer is gone (gloo's
+    connection errors, NCCL's, torch.distributed's own error types)."""
+    if isinstance(exc, (tdist.DistError,)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        k in text for k in ("gloo", "Gloo", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+
+
 def shutdown(clean: bool = True) -> None:
     """Leave the group: a barrier (so no rank tears its connections down while another
     still talks) and destroy_process_group; ``clean=False`` skips the barrier (a peer

@@ -329,7 +329,14 @@ def _run_one(
         status, error = "failed", str(exc)
         folder.log(traceback.format_exc())
     except Exception as exc:  # a fault inside a policy/plugin/model: recorded, suite goes on
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        if dist is not None and distributed.is_group_failure(exc):
+            # another rank died (or the network broke): resumable, like a signal
+            status = "interrupted"
+            error = (f"the data-parallel group lost a rank ({str(exc).splitlines()[0][:160]}); torchrun's "
+                     "report names it; continue with the same command and resume=auto")
+            interrupted_by = 15
+        else:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
         folder.log(traceback.format_exc())
     except (SystemExit, KeyboardInterrupt) as exc:
         # Raised by the run's own code (a policy calling sys.exit, raising

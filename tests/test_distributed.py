@@ -45,7 +45,7 @@ def _one(args: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize(("suite", "extra"), [
     ("synthetic", ["policy=sgd-small,adabatch,divebatch,gns,normtest", "n_samples=1000"]),
-    ("mnist1d", ["policy=divebatch,gns,smith", "subset=1000"]),
+    ("mnist1d", ["policy=divebatch,gns,smith", "subset=600"]),
 ])
 def test_two_processes_equal_one(tmp_path: Path, suite: str, extra: list[str]) -> None:
     args = [f"suite={suite}", *extra, "seeds=0", "epochs=2", "dtype=float64", "wandb=off", "threads=1",
@@ -89,3 +89,50 @@ def test_microbatch_statistics_are_refused_in_a_data_parallel_run() -> None:
         make_provider("microbatch").set_dist(group)
     make_provider("epoch").set_dist(group)  # reads only the all-reduced gradient
     make_provider("exact").set_dist(group)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_group_and_resume_continues(tmp_path: Path) -> None:
+    """SIGKILL to rank 1 mid-run: rank 0 sees the broken collective, records the run as
+    interrupted (resumable) and torchrun ends the group within seconds; resume=auto under
+    torchrun then ends with the uninterrupted run's metrics."""
+    import signal
+    import time
+
+    args = ["suite=synthetic", "policy=divebatch", "seeds=0", "epochs=8", "dtype=float64",
+            "wandb=off", "threads=1", "divebatch.resize_freq=2", "--no-report", "-q"]
+    straight = _one([*args, f"results_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "divebench", "run", *args, f"results_dir={tmp_path / 'two'}"]
+    agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    run_dir = None
+    while time.time() - t0 < 240:
+        found = list((tmp_path / "two").glob("synthetic/*/metrics.jsonl"))
+        if found and len(read_rows(found[0].parent)) >= 2:
+            run_dir = found[0].parent
+            break
+        assert agent.poll() is None, "the run ended before a rank could be killed"
+        time.sleep(0.05)
+    assert run_dir is not None
+    ranks = subprocess.run(["ps", "--ppid", str(agent.pid), "-o", "pid="], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    killed_at = time.time()
+    os.kill(int(sorted(ranks, key=int)[-1]), signal.SIGKILL)  # the later-started worker: rank 1
+    _out, err = agent.communicate(timeout=120)
+    assert time.time() - killed_at < 60, "the surviving rank did not stop in time"
+    assert agent.returncode != 0 and "rank" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "lost a rank" in summary["error"], summary
+    assert len(read_rows(run_dir)) < 8
+    again = _torchrun(2, [*args, f"results_dir={tmp_path / 'two'}", "resume=auto"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    (ref,) = (tmp_path / "straight" / "synthetic").iterdir()
+    a, b = read_rows(ref), read_rows(run_dir)
+    assert [r["batch_size"] for r in a] == [r["batch_size"] for r in b] and len(b) == 8
+    for x, y in zip(a, b, strict=True):
+        for key in ("train_loss", "val_loss", "val_acc"):
+            assert y[key] == pytest.approx(x[key], rel=TOL), (key, x["epoch"])
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "complete"
