@@ -26,30 +26,41 @@ def divebench_suites() -> list[Path]:
     return builtin_suite_paths()
 
 
+def _lazy(module: str, name: str) -> Any:
+    """``module.name``, imported when first called: the image datasets and models pull in
+    torchvision (over a second at start-up), which a run of the small suites never uses."""
+
+    def builder(*args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__module__ = module
+    builder.__doc__ = f"{module}.{name} (imported on first use)"
+    return builder
+
+
 @hookimpl
 def divebench_datasets() -> dict[str, Any]:
-    from divebench.data import cifar, modarith, synthetic, tinyimagenet
-
     return {
-        "synthetic": synthetic.build_synthetic,
-        "mnist1d": synthetic.build_mnist1d,
-        "cifar10": cifar.build_cifar10,
-        "cifar100": cifar.build_cifar100,
-        "tinyimagenet": tinyimagenet.build_tinyimagenet,
-        "modarith": modarith.build_modarith,
+        "synthetic": _lazy("divebench.data.synthetic", "build_synthetic"),
+        "mnist1d": _lazy("divebench.data.synthetic", "build_mnist1d"),
+        "cifar10": _lazy("divebench.data.cifar", "build_cifar10"),
+        "cifar100": _lazy("divebench.data.cifar", "build_cifar100"),
+        "tinyimagenet": _lazy("divebench.data.tinyimagenet", "build_tinyimagenet"),
+        "modarith": _lazy("divebench.data.modarith", "build_modarith"),
     }
 
 
 @hookimpl
 def divebench_models() -> dict[str, Any]:
-    from divebench.models import resnet, small, transformer
-
     return {
-        "logreg": small.build_logreg,
-        "mlp": small.build_mlp,
-        "mnist1d_cnn": small.build_mnist1d_cnn,
-        "small_cnn": small.build_small_cnn,
-        "resnet18_cifar": resnet.build_resnet18_cifar,
-        "resnet18": resnet.build_resnet18,
-        "transformer": transformer.build_transformer,
+        "logreg": _lazy("divebench.models.small", "build_logreg"),
+        "mlp": _lazy("divebench.models.small", "build_mlp"),
+        "mnist1d_cnn": _lazy("divebench.models.small", "build_mnist1d_cnn"),
+        "small_cnn": _lazy("divebench.models.small", "build_small_cnn"),
+        "resnet18_cifar": _lazy("divebench.models.resnet", "build_resnet18_cifar"),
+        "resnet18": _lazy("divebench.models.resnet", "build_resnet18"),
+        "transformer": _lazy("divebench.models.transformer", "build_transformer"),
     }

@@ -225,8 +225,10 @@ def test_registered_and_runs_end_to_end_with_fake_data(tmp_path: Path) -> None:
     from divebench import plugins
 
     reg = plugins.load_plugins(strict=True)
-    assert reg.datasets["cifar10"][0] is cifar.build_cifar10
-    assert reg.datasets["cifar100"][0] is cifar.build_cifar100
+    builder = reg.datasets["cifar10"][0]  # imported on first use (builtins._lazy)
+    assert (builder.__module__, builder.__name__) == ("divebench.data.cifar", "build_cifar10")
+    builder = reg.datasets["cifar100"][0]  # imported on first use (builtins._lazy)
+    assert (builder.__module__, builder.__name__) == ("divebench.data.cifar", "build_cifar100")
     res = run_cli(
         "run",
         "suite=synthetic",

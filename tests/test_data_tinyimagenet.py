@@ -230,4 +230,5 @@ def test_registered_as_builtin() -> None:
     from divebench import plugins
 
     reg = plugins.load_plugins(strict=True)
-    assert reg.datasets["tinyimagenet"][0] is T.build_tinyimagenet
+    builder = reg.datasets["tinyimagenet"][0]  # imported on first use (builtins._lazy)
+    assert (builder.__module__, builder.__name__) == ("divebench.data.tinyimagenet", "build_tinyimagenet")

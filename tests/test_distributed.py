@@ -45,7 +45,7 @@ def _one(args: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize(("suite", "extra"), [
     ("synthetic", ["policy=sgd-small,adabatch,divebatch,gns,normtest", "n_samples=1000"]),
-    ("mnist1d", ["policy=divebatch,gns,smith", "subset=600"]),
+    ("mnist1d", ["policy=divebatch,smith", "subset=600"]),  # gns/normtest: synthetic
 ])
 def test_two_processes_equal_one(tmp_path: Path, suite: str, extra: list[str]) -> None:
     args = [f"suite={suite}", *extra, "seeds=0", "epochs=2", "dtype=float64", "wandb=off", "threads=1",
@@ -99,7 +99,7 @@ def test_a_killed_rank_stops_the_group_and_resume_continues(tmp_path: Path) -> N
     import signal
     import time
 
-    args = ["suite=synthetic", "policy=divebatch", "seeds=0", "epochs=8", "dtype=float64",
+    args = ["suite=synthetic", "policy=divebatch", "seeds=0", "epochs=6", "dtype=float64",
             "wandb=off", "threads=1", "divebatch.resize_freq=2", "--no-report", "-q"]
     straight = _one([*args, f"results_dir={tmp_path / 'straight'}"])
     assert straight.returncode == 0, straight.stderr
@@ -126,12 +126,12 @@ def test_a_killed_rank_stops_the_group_and_resume_continues(tmp_path: Path) -> N
     assert agent.returncode != 0 and "rank" in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "lost a rank" in summary["error"], summary
-    assert len(read_rows(run_dir)) < 8
+    assert len(read_rows(run_dir)) < 6
     again = _torchrun(2, [*args, f"results_dir={tmp_path / 'two'}", "resume=auto"])
     assert again.returncode == 0, again.stderr[-3000:]
     (ref,) = (tmp_path / "straight" / "synthetic").iterdir()
     a, b = read_rows(ref), read_rows(run_dir)
-    assert [r["batch_size"] for r in a] == [r["batch_size"] for r in b] and len(b) == 8
+    assert [r["batch_size"] for r in a] == [r["batch_size"] for r in b] and len(b) == 6
     for x, y in zip(a, b, strict=True):
         for key in ("train_loss", "val_loss", "val_acc"):
             assert y[key] == pytest.approx(x[key], rel=TOL), (key, x["epoch"])

@@ -20,7 +20,7 @@ from conftest import read_rows, run_cli
 TIME_FIELDS = {"train_time_s", "epoch_train_time_s", "eval_time_s", "other_time_s", "wall_time_s",
                "stats_time_s", "peak_memory_mb", "finished_utc", "run_id", "wandb"}
 
-BASE = ["suite=mnist1d", "seeds=0", "batch_size=16", "max_batch_size=256",
+BASE = ["suite=mnist1d", "seeds=0", "batch_size=16", "max_batch_size=256", "subset=2000",
         "divebatch.resize_freq=2", "divebatch.delta=0.5", "wandb=off"]
 
 

@@ -12,11 +12,28 @@ from __future__ import annotations
 from typing import Any
 
 from divebench.stats.base import StatsProvider
-from divebench.stats.bn import BN_MODES
-from divebench.stats.estimators import EpochEstimator, MicroBatchEstimator
-from divebench.stats.exact import ExactProvider, unwrap
 
 ESTIMATORS: tuple[str, ...] = ("exact", "epoch", "microbatch")
+
+# The providers import Opacus (about 1.5 s, most of it its accountants' SciPy): loaded on
+# first use, so a process that measures nothing (plain SGD, AdaBatch, a torchrun rank's
+# start-up, the CLI's --help) does not pay for it.
+_LAZY = {
+    "BN_MODES": ("divebench.stats.bn", "BN_MODES"),
+    "EpochEstimator": ("divebench.stats.estimators", "EpochEstimator"),
+    "MicroBatchEstimator": ("divebench.stats.estimators", "MicroBatchEstimator"),
+    "ExactProvider": ("divebench.stats.exact", "ExactProvider"),
+    "unwrap": ("divebench.stats.exact", "unwrap"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'divebench.stats' has no attribute {name!r}")
 
 
 def provider_from_options(options: Any, scope: str = "epoch") -> StatsProvider:
@@ -59,6 +76,10 @@ def make_provider(
             (:mod:`divebench.stats.bn`); validated but unused by the estimators.
         micro_batches: k for ``microbatch`` (>= 2).
     """
+    from divebench.stats.bn import BN_MODES
+    from divebench.stats.estimators import EpochEstimator, MicroBatchEstimator
+    from divebench.stats.exact import ExactProvider
+
     if bn not in BN_MODES:
         raise ValueError(f"bn={bn!r} is not a BatchNorm mode; expected one of {BN_MODES}")
     if estimator == "exact":
