@@ -117,15 +117,20 @@ def test_a_killed_rank_stops_the_group_and_resume_continues(tmp_path: Path) -> N
         assert agent.poll() is None, "the run ended before a rank could be killed"
         time.sleep(0.05)
     assert run_dir is not None
-    ranks = subprocess.run(["ps", "--ppid", str(agent.pid), "-o", "pid="], capture_output=True, text=True).stdout.split()
-    assert len(ranks) == 2, ranks
+    workers = subprocess.run(["ps", "--ppid", str(agent.pid), "-o", "pid="], capture_output=True,
+                             text=True).stdout.split()
+    rank_of = {}
+    for pid in workers:  # torchrun gives each worker its RANK in the environment
+        env_vars = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank_of[int(pid)] = next(int(v.split(b"=", 1)[1]) for v in env_vars if v.startswith(b"RANK="))
+    assert sorted(rank_of.values()) == [0, 1], rank_of
     killed_at = time.time()
-    os.kill(int(sorted(ranks, key=int)[-1]), signal.SIGKILL)  # the later-started worker: rank 1
+    os.kill(next(p for p, r in rank_of.items() if r == 1), signal.SIGKILL)
     _out, err = agent.communicate(timeout=120)
     assert time.time() - killed_at < 60, "the surviving rank did not stop in time"
-    assert agent.returncode != 0 and "rank" in err
+    assert agent.returncode != 0 and "rank      : 1" in err, err[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and "lost a rank" in summary["error"], summary
+    assert summary["status"] == "interrupted" and "lost a rank" in summary["error"], (summary, err[-2000:])
     assert len(read_rows(run_dir)) < 6
     again = _torchrun(2, [*args, f"results_dir={tmp_path / 'two'}", "resume=auto"])
     assert again.returncode == 0, again.stderr[-3000:]
