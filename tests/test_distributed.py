@@ -57,7 +57,7 @@ def test_two_processes_equal_one(tmp_path: Path, suite: str, extra: list[str]) -
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _runs(tmp_path / "one"), _runs(tmp_path / "two")
     assert set(a) == set(b) and len(list((tmp_path / "two").glob("*/*"))) == len(a)  # one folder per run
-    for entry, (sa, ra) in a.items():
+    for entry, (_sa, ra) in a.items():
         sb, rb = b[entry]
         assert sb["status"] == "complete", sb
         for key in ("batch_size", "step", "samples_seen", "measured", "measured_steps", "lr"):
