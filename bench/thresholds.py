@@ -35,7 +35,12 @@ THRESHOLDS: dict[str, tuple[float, float, str]] = {
     # exact <= 2x and epoch <= 1.1x are the design targets; the microbatch gates (4
     # micro-batches per measured batch: small micro-batches run slower on a CPU) only
     # catch regressions. Noise between identical sides is about +-5% here.
-    "stats_exact_mnist1d_b128": (2.0, 1.71, "2026-11-29"),
+    # 2026-12-06: the exact provider's invariant checks (a walk of the autograd graph on
+    # every measured forward, post-accumulate-grad hooks; issue 12) put this gate at
+    # 1.92-1.95 here, so noise alone failed the 2.0 threshold (once in four bench runs);
+    # the gate moves to 2.2 to keep catching regressions. The <= 2x design target (and the
+    # <= 1.3x goal) is missed on this model, as the README says.
+    "stats_exact_mnist1d_b128": (2.2, 1.924, "2026-12-06"),
     "stats_exact_mnist1d_b512": (2.0, 1.728, "2026-11-29"),
     "stats_epoch_mnist1d_b128": (1.1, 1.053, "2026-11-29"),
     "stats_epoch_mnist1d_b512": (1.1, 1.028, "2026-11-29"),
