@@ -600,6 +600,8 @@ def score_suite(
         recs = sorted((r for r in chosen if r.entry == name), key=lambda r: r.seed or 0)
         entries.append(_score_entry(suite, name, recs, target_accuracy, problems))
         scored_runs[name] = [r for r in recs if r.status in SCORED_STATUSES]
+        for r in scored_runs[name]:  # a scored run's damage is said, not skipped in silence
+            problems.extend(f"{r.run_id}: {p}" for p in r.problems)
 
     if baseline is not None:
         base = next((e for e in entries if e.entry == baseline), None)

@@ -539,3 +539,12 @@ def test_two_concurrent_resume_auto_on_one_killed_run(tmp_path) -> None:
     (ref,) = (straight / "synthetic").iterdir()
     assert_same_rows(read_rows(ref), read_rows(run))
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+
+
+def test_a_corrupt_metrics_line_of_a_scored_run_is_said(tmp_path) -> None:
+    run, _args = _finished_run(tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0] + '{"epoch": 2, "bro\n')
+    res = run_cli("report", f"results_dir={tmp_path}")
+    assert res.exit_code == 0
+    assert f"! {run.name}: metrics.jsonl line 2 is not valid JSON; skipped" in res.output
