@@ -474,6 +474,10 @@ def cross_entries(
                     and e.name != baseline] for key in grid}
     for key, have in owners.items():
         if not have:
+            if any(e.name == baseline and key in policy_fields(registry.policies[e.policy][0]) for e in entries):
+                raise ConfigError(f"cross.{key}: only the baseline entry '{baseline}' has '{key}', and the "
+                                  "baseline is not crossed (every speed-up is measured against it): select "
+                                  "another entry of its policy, or set baseline=")
             pols = sorted({e.policy for e in entries})
             raise ConfigError(f"cross.{key}: no policy of this run has a key '{key}' (policies: {', '.join(pols)}; "
                               "see divebench policies)")
@@ -488,6 +492,11 @@ def cross_entries(
             out.append(e)
             sources[e.name] = entry_sources[e.name]
             continue
+        for k in keys:
+            if entry_sources[e.name].get(k) == "command line":
+                named = e.policy if e.name == e.policy else f"{e.policy} (or {e.name})"
+                raise ConfigError(f"{named}.{k} and cross.{k} are both given: "
+                                  f"cross.{k} would override it; give the values in cross.{k} only")
         combos: list[list[tuple[str, str, Any]]] = [[]]
         for k in keys:
             nxt = []
@@ -500,6 +509,9 @@ def cross_entries(
                 allowed[k].add(v)
                 nxt += [c + [(k, v, val)] for c in combos]
             combos = nxt
+        if not combos:  # every value of some key is one this policy does not allow
+            raise ConfigError(f"cross: entry '{e.name}' (policy {e.policy}) would not run at all: "
+                              f"{'; '.join(errors.values())}; drop it from policy= or add a value it allows")
         for combo in combos:
             name = "+".join([e.name, *(v for _k, v, _val in combo)])
             if name in sources:

@@ -487,5 +487,10 @@ def check_resume_target(cfg: RunConfig, run_id: str) -> tuple[Entry, int, Path]:
     diff = sorted(k for k in set(want) | set(comparable(have)) if want.get(k) != have.get(k))
     if diff:
         k = diff[0]
-        raise ConfigError(f"resume={run_id}: the run was started with {k}={have.get(k)!r}, this command has {k}={want.get(k)!r}; resume with the same config")
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):  # policy_config: name the policy key
+            sub = sorted(x for x in set(a) | set(b) if a.get(x) != b.get(x))[0]
+            k, a, b = f"{have.get('policy_name', entry.policy)}.{sub}", a.get(sub), b.get(sub)
+        raise ConfigError(f"resume={run_id}: its config.yaml has {k}={a!r}, this command has {k}={b!r}; "
+                          f"resume with the command the run was started with ({len(diff)} key(s) differ)")
     return entry, seed, path

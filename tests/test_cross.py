@@ -42,6 +42,10 @@ def test_cross_expands_only_policies_with_the_key() -> None:
     (["policy=gns", "cross.estimator=epoch"], "gns.estimator='epoch' is not valid: expected exact | microbatch"),
     (["cross.lr_scaling="], "cross.lr_scaling= is empty"),
     (["cross.lr_scaling=none,none"], "lists a value twice"),
+    (["policy=sgd-small", "cross.batch_size=16,32"], "only the baseline entry 'sgd-small' has 'batch_size'"),
+    (["policy=gns,divebatch", "cross.estimator=epoch"], "entry 'gns' (policy gns) would not run at all"),
+    (["policy=divebatch", "divebatch.estimator=epoch", "cross.estimator=exact,epoch"],
+     "divebatch.estimator and cross.estimator are both given"),
 ])
 def test_bad_cross_is_one_line(tokens: list[str], msg: str) -> None:
     res = run_cli("run", "suite=mnist1d", *tokens, "--show-config")

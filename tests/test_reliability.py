@@ -149,7 +149,7 @@ def test_resume_errors(tmp_path) -> None:
     assert res.exit_code == 2 and "resume=nope-s0-123: no such run" in res.output
     res = run_cli("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=2", "n_samples=600", "lr=0.5",
                   f"resume={run.name}", f"results_dir={tmp_path}", "wandb=off", "-q")
-    assert res.exit_code == 2 and "the run was started with lr=0.1, this command has lr=0.5" in res.output
+    assert res.exit_code == 2 and "its config.yaml has lr=0.1, this command has lr=0.5" in res.output
     # resume=auto skips a complete run with the same config
     res = run_cli("run", "suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=2", "n_samples=600",
                   "resume=auto", f"results_dir={tmp_path}", "wandb=off", "--no-report", "-q")
@@ -548,3 +548,13 @@ def test_a_corrupt_metrics_line_of_a_scored_run_is_said(tmp_path) -> None:
     res = run_cli("report", f"results_dir={tmp_path}")
     assert res.exit_code == 0
     assert f"! {run.name}: metrics.jsonl line 2 is not valid JSON; skipped" in res.output
+
+
+def test_resume_names_the_policy_key_that_differs(tmp_path) -> None:
+    args = ["suite=synthetic", "policy=gns", "seeds=0", "epochs=1", "n_samples=600", f"results_dir={tmp_path}",
+            "wandb=off", "--no-report", "-q"]
+    assert run_cli("run", *args, "gns.ema=0.5").exit_code == 0
+    (run,) = (tmp_path / "synthetic").iterdir()
+    res = run_cli("run", *args, f"resume={run.name}")
+    assert res.exit_code == 2
+    assert "its config.yaml has gns.ema=0.5, this command has gns.ema=0.95" in res.output

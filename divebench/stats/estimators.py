@@ -241,7 +241,7 @@ class MicroBatchEstimator(_EstimatorBase):
     def set_dist(self, dist: Any) -> None:
         if dist is not None:
             raise ValueError("estimator=microbatch is not defined for data-parallel runs yet (its micro-batch "
-                             "gradients are local until DDP's all-reduce); use estimator=exact or epoch")
+                             "gradients are local until DDP's all-reduce); use estimator=exact (or epoch, where the policy has it)")
 
     def after_micro_backward(self, micro_size: int, loss_scale: float) -> None:
         if not self._measure:
