@@ -93,9 +93,9 @@ def test_microbatch_statistics_are_refused_in_a_data_parallel_run() -> None:
 
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_group_and_resume_continues(tmp_path: Path) -> None:
-    """SIGKILL to rank 1 mid-run: rank 0 sees the broken collective, records the run as
-    interrupted (resumable) and torchrun ends the group within seconds; resume=auto under
-    torchrun then ends with the uninterrupted run's metrics."""
+    """SIGKILL to rank 1 mid-run: torchrun names rank 1 and ends the group within the bound;
+    the run is interrupted (recorded by rank 0, or stale), and resume=auto under torchrun
+    then ends with the uninterrupted run's metrics."""
     import signal
     import time
 
@@ -129,8 +129,17 @@ def test_a_killed_rank_stops_the_group_and_resume_continues(tmp_path: Path) -> N
     _out, err = agent.communicate(timeout=120)
     assert time.time() - killed_at < 60, "the surviving rank did not stop in time"
     assert agent.returncode != 0 and "rank      : 1" in err, err[-2000:]
+    # Rank 0 records the run interrupted when its broken collective raises before torchrun
+    # stops it; when torchrun's SIGTERM/SIGKILL comes first, the folder keeps 'running' with
+    # a free writer lock, which readers report as interrupted (stale). Both resume.
+    from divebench.scoring import read_run
+
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and "lost a rank" in summary["error"], (summary, err[-2000:])
+    if summary["status"] == "interrupted":
+        assert "lost a rank" in summary["error"], summary
+    else:
+        assert summary["status"] == "running", (summary, err[-2000:])
+    assert read_run(run_dir).status == "interrupted"
     assert len(read_rows(run_dir)) < 6
     again = _torchrun(2, [*args, f"results_dir={tmp_path / 'two'}", "resume=auto"])
     assert again.returncode == 0, again.stderr[-3000:]
