@@ -513,7 +513,9 @@ def test_two_concurrent_resume_auto_on_one_killed_run(tmp_path) -> None:
     """Two `resume=auto` processes on one killed run: exactly one continues it, the other
     exits 2 naming the holder, and the folder ends as an uninterrupted run does."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = ["suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=8", "wandb=off"]
+    # batch 8: the resumed epochs take seconds, far longer than the two processes' start-up
+    # skew, so the second one meets the first one's lock (not a finished run)
+    args = ["suite=synthetic", "policy=sgd-small", "seeds=0", "epochs=6", "batch_size=8", "wandb=off"]
     reference = subprocess.Popen(_cli(*args, f"results_dir={straight}"))
     proc = subprocess.Popen(_cli(*args, f"results_dir={killed}"))
     t0 = time.time()
