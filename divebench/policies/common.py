@@ -25,6 +25,13 @@ def check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name}={value} is not valid: expected a number > 0")
 
 
+def check_finite_positive(name: str, value: float) -> None:
+    """:func:`check_positive`, and finite (a rule constant such as δ or θ)."""
+    check_positive(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} is not valid: expected a finite number > 0")
+
+
 def resolve_max(own: int, ctx_max: int, initial: int, policy: str) -> int:
     """A policy's B_max: its own key when set (> 0), else the suite's ``max_batch_size``."""
     if own < 0:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from divebench.policies.common import (
     AdaptiveLrScaling,
     adascale_gain,
-    check_positive,
+    check_finite_positive,
     lr_scale,
     noise_and_signal,
     resolve_max,
@@ -45,9 +45,7 @@ class DiveBatchConfig(PolicyConfig):
     micro_batches: int = 4  # estimator=microbatch: micro-batches per logical batch
 
     def validate(self, ctx: SuiteContext) -> None:
-        check_positive("divebatch.delta", self.delta)
-        if not math.isfinite(self.delta):
-            raise ValueError(f"divebatch.delta={self.delta} is not valid: expected a finite number > 0")
+        check_finite_positive("divebatch.delta", self.delta)
         if self.resize_freq < 1:
             raise ValueError(f"divebatch.resize_freq={self.resize_freq} is not valid: expected an int >= 1")
         if self.micro_batches < 2:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from divebench.policies.common import (
     AdaptiveLrScaling,
     adascale_gain,
-    check_positive,
+    check_finite_positive,
     lr_scale,
     resolve_max,
 )
@@ -124,11 +124,9 @@ class GNSConfig(StepRuleConfig):
         self._check("gns", ctx)
         if not 0 <= self.ema < 1:
             raise ValueError(f"gns.ema={self.ema} is not valid: expected a number in [0, 1)")
-        check_positive("gns.fraction", self.fraction)
+        check_finite_positive("gns.fraction", self.fraction)
         if self.warmup < 1:
             raise ValueError(f"gns.warmup={self.warmup} is not valid: expected an int >= 1")
-        if not math.isfinite(self.fraction):
-            raise ValueError(f"gns.fraction={self.fraction} is not valid: expected a finite number > 0")
 
 
 def gns_target(trace_ema: float, grad_sq_ema: float, fraction: float, batch_size: int, b_max: int) -> tuple[float, int]:
@@ -189,9 +187,7 @@ class NormTestConfig(StepRuleConfig):
 
     def validate(self, ctx: SuiteContext) -> None:
         self._check("normtest", ctx)
-        check_positive("normtest.theta", self.theta)
-        if not math.isfinite(self.theta):
-            raise ValueError(f"normtest.theta={self.theta} is not valid: expected a finite number > 0")
+        check_finite_positive("normtest.theta", self.theta)
 
 
 def normtest_rule(trace_cov: float, batch_grad_sq: float, theta: float, tested: int, batch_size: int,
