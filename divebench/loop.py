@@ -329,6 +329,18 @@ def _batch_with_oom_retry(
             aug_gen.set_state(aug_state)
 
 
+def _forward(
+    s: Setup, sub: torch.Tensor, aug_gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One micro-batch's (logits, labels, mean loss): its samples augmented, forward."""
+    x = _to_input(s, s.data.train_transform(s.data.x_train[sub], aug_gen))
+    y = s.data.y_train[sub]
+    with _autocast(s):
+        out = s.model(x)
+        loss = nn.functional.cross_entropy(_logits_for_loss(out), y)
+    return out, y, loss
+
+
 def _accumulate(
     s: Setup, idx: torch.Tensor, measure: bool, aug_gen: torch.Generator, max_micro: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,12 +357,8 @@ def _accumulate(
     loss_sum: torch.Tensor | None = None
     correct: torch.Tensor | None = None
     for sub in (idx,) if k == 1 else idx.tensor_split(k):
-        x = _to_input(s, s.data.train_transform(s.data.x_train[sub], aug_gen))
-        y = s.data.y_train[sub]
         m = int(sub.shape[0])
-        with _autocast(s):
-            out = s.model(x)
-            loss = nn.functional.cross_entropy(_logits_for_loss(out), y)
+        out, y, loss = _forward(s, sub, aug_gen)
         (loss if k == 1 else loss * (m / bsz)).backward()
         if measure:
             assert s.provider is not None
@@ -387,14 +395,10 @@ def _accumulate_ranks(
     correct = torch.zeros((), device=s.device, dtype=torch.long)
     subs = (local,) if k == 1 else local.tensor_split(k)
     for j, sub in enumerate(subs):
-        x = _to_input(s, s.data.train_transform(s.data.x_train[sub], aug_gen))
-        y = s.data.y_train[sub]
         m = int(sub.shape[0])
         scale = 0.0 if empty else d.world * m / bsz
         with s.model.no_sync() if j < len(subs) - 1 else nullcontext():
-            with _autocast(s):
-                out = s.model(x)
-                loss = nn.functional.cross_entropy(_logits_for_loss(out), y)
+            out, y, loss = _forward(s, sub, aug_gen)
             (loss * scale).backward()
         if measure:
             assert s.provider is not None

@@ -234,6 +234,7 @@ class RunFolder:
         self.run_id = run_id
         self.rows: list[dict[str, Any]] = _read_jsonl_tolerant(self.path / "metrics.jsonl")
         self.step_rows: list[dict[str, Any]] = _read_jsonl_tolerant(self.path / "steps.jsonl")
+        self._metrics_sha256: str | None = None  # of metrics.jsonl as last written here
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(_clean(config), sort_keys=False))
@@ -243,8 +244,14 @@ class RunFolder:
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         rows = self.rows + [row]
-        atomic_write_text(self.path / "metrics.jsonl", _jsonl(rows))
+        self._write_metrics(rows)
+
+    def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl with ``rows``; keep the text's sha256 for checkpoints."""
+        text = _jsonl(rows)
+        atomic_write_text(self.path / "metrics.jsonl", text)
         self.rows = rows
+        self._metrics_sha256 = hashlib.sha256(text.encode()).hexdigest()
 
     def append_steps(self, rows: list[dict[str, Any]]) -> None:
         """Add an epoch's measured-step rows to ``steps.jsonl``."""
@@ -253,8 +260,7 @@ class RunFolder:
 
     def truncate_metrics(self, epochs: int) -> None:
         """Keep the first ``epochs`` rows (resume from a checkpoint of that epoch)."""
-        self.rows = [r for r in self.rows if r["epoch"] <= epochs]
-        atomic_write_text(self.path / "metrics.jsonl", _jsonl(self.rows))
+        self._write_metrics([r for r in self.rows if r["epoch"] <= epochs])
         if self.step_rows or (self.path / "steps.jsonl").exists():
             self.step_rows = [r for r in self.step_rows if r["epoch"] <= epochs]
             atomic_write_text(self.path / "steps.jsonl", _jsonl(self.step_rows))
@@ -262,8 +268,9 @@ class RunFolder:
     def state(self) -> dict[str, Any]:
         """What the folder holds now, for a checkpoint: metrics.jsonl's row count and the
         sha256 of its text, and the sha256 of config.yaml."""
-        text = _jsonl(self.rows)
-        return {"metrics_rows": len(self.rows), "metrics_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        if self._metrics_sha256 is None:  # nothing written by this process yet
+            self._metrics_sha256 = hashlib.sha256(_jsonl(self.rows).encode()).hexdigest()
+        return {"metrics_rows": len(self.rows), "metrics_sha256": self._metrics_sha256,
                 "config_sha256": _file_sha256(self.path / "config.yaml")}
 
     def check_against(self, state: dict[str, Any]) -> str | None:
